@@ -1,0 +1,241 @@
+"""``cartosplit``: one command line for the whole kit.
+
+Lives in the torch-free package so that a device install (no torch) still has the command; the
+workstation subcommands import ``export`` lazily and say which extra to install when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from device_runtime.defaults import DEFAULT_DEVICE_SPLIT, DEFAULT_EDGE_SPLIT, DEFAULT_MODEL
+
+DESCRIPTION = """\
+Split a BERT classifier over device, edge and cloud (DIMEC-DC: multi-exit BERT + data-cartography router).
+
+Workflow on a workstation:
+  cartosplit train --task sst2              fine-tune a multi-exit model, record training dynamics, map the data
+  cartosplit calibrate --run runs/sst2      fit the router, choose thresholds on held-out data, print the table
+  cartosplit demo                           both, quickly, on a small SST-2 subset with the default model
+"""
+
+
+def _need_export_extra(command: str) -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(
+            f"cartosplit {command} runs on the workstation and needs torch and transformers ({exc}). "
+            "Install them with: pip install torch==2.13.0 && pip install 'cartosplit[export,default-model]'"
+        ) from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _train_size(text: str) -> int | None:
+    return None if text == "all" else _positive_int(text)
+
+
+def _add_train_args(p: argparse.ArgumentParser, out_default: str | None, size: int, calib: int, epochs: int) -> None:
+    data = p.add_argument_group("data")
+    data.add_argument("--task", default="sst2", help="GLUE task: sst2, cola, mrpc or rte (default: %(default)s)")
+    data.add_argument(
+        "--data-dir",
+        help="folder with <TASK>/train.tsv and dev.tsv in the GLUE layout; default: $CARTOSPLIT_DATA_DIR, "
+        "then ../shared/data/glue, then the Hugging Face `datasets` download",
+    )
+    data.add_argument("--train-file", help="your own CSV/JSONL (text, optional text_pair, label) instead of GLUE")
+    data.add_argument("--dev-file", help="the matching dev file, for reporting (needed with --train-file)")
+    data.add_argument(
+        "--train-size",
+        type=_train_size,
+        default=size,
+        help="training samples drawn from the training file, or 'all' (default: %(default)s)",
+    )
+    data.add_argument(
+        "--calib-size",
+        type=_positive_int,
+        default=calib,
+        help="training-file samples held out to calibrate thresholds, never trained on (default: %(default)s)",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face BERT-family id or local folder")
+    model.add_argument(
+        "--device-split", type=int, default=DEFAULT_DEVICE_SPLIT, help="layers on the device (default: %(default)s)"
+    )
+    model.add_argument(
+        "--edge-split", type=int, default=DEFAULT_EDGE_SPLIT, help="depth reached on the edge (default: %(default)s)"
+    )
+    model.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="exit pooling (default: mean)")
+    model.add_argument("--max-length", type=_positive_int, default=128, help="truncate inputs to this many tokens")
+    opt = p.add_argument_group("training")
+    opt.add_argument("--epochs", type=_positive_int, default=epochs, help="(default: %(default)s)")
+    opt.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
+    opt.add_argument("--lr", type=float, default=5e-5, help="encoder learning rate (default: %(default)s)")
+    opt.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    opt.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    carto = p.add_argument_group("cartography (easy = learned by the device exit, medium = by the edge exit)")
+    carto.add_argument("--min-confidence", type=float, default=0.75, help="learned: mean gold prob >= this")
+    carto.add_argument("--max-variability", type=float, default=0.2, help="learned: std of gold prob <= this")
+    p.add_argument("--out", default=out_default, help="run folder (default: runs/<task>)")
+
+
+def _train_config(args: argparse.Namespace):
+    from export.cartography import GroupingRule
+    from export.train import TrainConfig
+
+    return TrainConfig(
+        task=args.task,
+        out=args.out or f"runs/{args.task}",
+        model=args.model,
+        data_dir=args.data_dir,
+        train_file=args.train_file,
+        dev_file=args.dev_file,
+        train_size=args.train_size,
+        calib_size=args.calib_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        device_split=args.device_split,
+        edge_split=args.edge_split,
+        pooling=args.pooling,
+        seed=args.seed,
+        threads=args.threads,
+        grouping=GroupingRule(args.min_confidence, args.max_variability),
+    )
+
+
+def _add_calibrate_args(p: argparse.ArgumentParser, with_run: bool) -> None:
+    if with_run:
+        p.add_argument("--run", required=True, help="run folder written by `cartosplit train`")
+    r = p.add_argument_group("router")
+    r.add_argument("--router", choices=("logreg", "mlp", "centroid"), default="logreg", help="(default: logreg)")
+    r.add_argument(
+        "--router-depth",
+        type=int,
+        default=1,
+        help="layers run before the router decides; 0 = embedding output (default: %(default)s)",
+    )
+    c = p.add_argument_group("costs and objective")
+    c.add_argument("--costs", help="JSON cost profile (per-layer and per-hop costs); default: unit convention")
+    c.add_argument("--objective", choices=("max-drop", "reward"), default="max-drop", help="(default: max-drop)")
+    c.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.5,
+        help="max-drop: lowest cost within this many accuracy points of all-cloud (default: %(default)s)",
+    )
+    c.add_argument("--beta", type=float, default=1.0, help="reward: accuracy - beta * cost (default: %(default)s)")
+
+
+def _calibrate_config(args: argparse.Namespace, run: str):
+    from device_runtime.policy import Objective
+    from export.calibrate import CalibrateConfig
+    from export.router import RouterConfig
+
+    return CalibrateConfig(
+        run=run,
+        router=RouterConfig(kind=args.router, depth=args.router_depth),
+        costs=args.costs,
+        objective=Objective(args.objective, args.max_drop, args.beta),
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from export.train import train
+
+    train(_train_config(args), resume=args.resume)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from export.calibrate import calibrate
+
+    calibrate(_calibrate_config(args, args.run))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train (or reuse, or resume) a quick run, then calibrate it."""
+    from export.calibrate import calibrate
+    from export.train import RUN_FILE, train
+
+    cfg = _train_config(args)
+    run_file = Path(cfg.out) / RUN_FILE
+    status = json.loads(run_file.read_text()).get("status") if run_file.is_file() else None
+    if status in ("trained", "calibrated"):
+        print(f"reusing the trained run in {cfg.out} (delete it to train again)")
+    else:
+        train(cfg, resume=status is not None)
+    calibrate(_calibrate_config(args, cfg.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cartosplit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a multi-exit model, record training dynamics, map the data",
+        description="Fine-tune one multi-exit BERT (exits after the device slice, the edge slice and the last "
+        "layer), record each training sample's gold-label probability at every exit every epoch, then group "
+        "samples easy/medium/hard by data cartography and draw the data map. Checkpoints every epoch; "
+        "--resume continues an interrupted run.",
+    )
+    _add_train_args(p, None, size=4000, calib=2000, epochs=3)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    p.set_defaults(func=cmd_train, needs_export=True)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="fit the router and choose thresholds on held-out data; print the cost/accuracy table",
+        description="Fit the router on the run's cartography groups, choose the policy thresholds on the "
+        "held-out calibration split (never the dev set), and report accuracy, mean cost, cost cut vs "
+        "all-cloud and tier shares on the dev set next to all-device, all-edge, all-cloud, the oracle and "
+        "the max-softmax cascade. Writes calibration.json into the run.",
+    )
+    _add_calibrate_args(p, with_run=True)
+    p.set_defaults(func=cmd_calibrate, needs_export=True)
+
+    p = sub.add_parser(
+        "demo",
+        help="quick end to end: train + calibrate the default model on a small SST-2 subset",
+        description="Train (or reuse) a quick multi-exit run of the default model on SST-2 and calibrate it. "
+        "Later runs reuse the trained model and take seconds.",
+    )
+    _add_train_args(p, "runs/demo-sst2", size=2000, calib=1000, epochs=3)
+    _add_calibrate_args(p, with_run=False)
+    p.set_defaults(func=cmd_demo, needs_export=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "needs_export", False):
+        _need_export_extra(args.command)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; `--resume` continues from the last finished epoch", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as exc:  # DataError, RunError, ModelError are ValueErrors
+        print(f"cartosplit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

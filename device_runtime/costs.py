@@ -1,0 +1,95 @@
+"""Cost profile and the per-tier cost of answering a sample (SplitEE/DIMEC unit convention).
+
+Units are whatever the profile says: the default is the abstract unit convention of SplitEE
+(arXiv 2309.09195) as written in the kit's method notes; a measured profile replaces it with
+milliseconds or joules. Processing cost is per encoder layer on a tier, offloading cost per hop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+# Where a sample is answered. The integer codes are used in vectorised policy maths.
+TIER_DEVICE, TIER_EDGE, TIER_CLOUD_VIA_EDGE, TIER_CLOUD_DIRECT = 0, 1, 2, 3
+TIER_NAMES = ("device", "edge", "cloud_via_edge", "cloud_direct")
+
+
+@dataclass(frozen=True)
+class SplitPoints:
+    """Encoder depths: router at ``r``, device exit at ``d``, edge exit at ``e``, final exit at ``L``."""
+
+    router_depth: int
+    device: int
+    edge: int
+    total: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.router_depth <= self.device < self.edge < self.total):
+            raise ValueError(
+                "split points must satisfy 0 <= router_depth <= device < edge < total layers, got "
+                f"r={self.router_depth}, d={self.device}, e={self.edge}, L={self.total}"
+            )
+        if self.device < 1:
+            raise ValueError(f"the device slice needs at least one layer, got device split {self.device}")
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    """Per-layer processing cost on each tier and per-hop offloading cost.
+
+    ``unit`` is informative ("unit", "ms", "mJ"): calibration only needs the costs to be comparable
+    with each other and, for the reward objective, with accuracy through ``beta``.
+    """
+
+    device_per_layer: float = 0.1
+    edge_per_layer: float = 0.05
+    cloud_per_layer: float = 0.02
+    device_to_edge: float = 0.2
+    edge_to_cloud: float = 0.3
+    device_to_cloud: float = 0.5
+    unit: str = "unit"
+    source: str = "default SplitEE/DIMEC unit convention"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and (not isinstance(value, (int, float)) or value < 0 or value != value):
+                raise ValueError(f"cost {f.name} must be a non-negative number, got {value!r}")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> CostProfile:
+        """Load a profile; unknown keys are an error so a typo never silently falls back to a default."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"cost profile {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"cost profile {path} is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"cost profile {path} must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"cost profile {path}: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**raw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def tier_costs(self, split: SplitPoints) -> np.ndarray:
+        """Cost of answering a sample on each tier, indexed by the TIER_* codes."""
+        d, e, total, r = split.device, split.edge, split.total, split.router_depth
+        device = d * self.device_per_layer
+        edge = device + self.device_to_edge + (e - d) * self.edge_per_layer
+        cloud_via_edge = edge + self.edge_to_cloud + (total - e) * self.cloud_per_layer
+        cloud_direct = r * self.device_per_layer + self.device_to_cloud + (total - r) * self.cloud_per_layer
+        return np.array([device, edge, cloud_via_edge, cloud_direct], dtype=np.float64)
+
+    def all_cloud_cost(self, split: SplitPoints) -> float:
+        """The baseline: raw input sent to the cloud, nothing computed on the device."""
+        return self.device_to_cloud + split.total * self.cloud_per_layer

@@ -1,0 +1,170 @@
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from device_runtime.costs import (
+    TIER_CLOUD_DIRECT,
+    TIER_CLOUD_VIA_EDGE,
+    TIER_DEVICE,
+    TIER_EDGE,
+    CostProfile,
+    SplitPoints,
+)
+from device_runtime.policy import (
+    ExitSignals,
+    Objective,
+    Policy,
+    _threshold_grid,
+    evaluate_policy,
+    route,
+    search_policy,
+)
+
+SPLIT = SplitPoints(router_depth=1, device=2, edge=4, total=6)
+
+
+def test_default_profile_costs_follow_the_method_formulas():
+    costs = CostProfile().tier_costs(SPLIT)
+    # device 2*0.1; edge + 0.2 + 2*0.05; via edge + 0.3 + 2*0.02; direct 1*0.1 + 0.5 + 5*0.02
+    np.testing.assert_allclose(costs, [0.2, 0.5, 0.84, 0.7])
+    assert CostProfile().all_cloud_cost(SPLIT) == pytest.approx(0.62)
+    # r = 0 sends raw tokens: the same as all-cloud
+    r0 = SplitPoints(0, 2, 4, 6)
+    assert CostProfile().tier_costs(r0)[TIER_CLOUD_DIRECT] == pytest.approx(CostProfile().all_cloud_cost(r0))
+
+
+def test_cost_profile_json_round_trip_and_errors(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"device_per_layer": 3.0, "unit": "ms"}))
+    profile = CostProfile.from_json(path)
+    assert profile.device_per_layer == 3.0 and profile.unit == "ms" and profile.edge_per_layer == 0.05
+    path.write_text(json.dumps({"device_per_layr": 3.0}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        CostProfile.from_json(path)
+    path.write_text(json.dumps({"device_per_layer": -1}))
+    with pytest.raises(ValueError, match="non-negative"):
+        CostProfile.from_json(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        CostProfile.from_json(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        CostProfile.from_json(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(("r", "d", "e", "total"), [(3, 2, 4, 6), (0, 0, 4, 6), (0, 4, 4, 6), (0, 2, 6, 6)])
+def test_split_points_out_of_range_are_refused(r, d, e, total):
+    with pytest.raises(ValueError, match=r"split points|at least one layer"):
+        SplitPoints(r, d, e, total)
+
+
+def _probs(conf, pred):
+    """Binary probabilities whose max is ``conf`` on class ``pred``."""
+    conf, pred = np.asarray(conf, float), np.asarray(pred)
+    out = np.stack([1 - conf, conf], axis=1)
+    out[pred == 0] = out[pred == 0][:, ::-1]
+    return out
+
+
+def test_route_follows_router_then_exit_confidence():
+    signals = ExitSignals(
+        probs_device=_probs([0.95, 0.95, 0.6, 0.6, 0.99], [1, 1, 1, 1, 1]),
+        probs_edge=_probs([0.9, 0.9, 0.9, 0.6, 0.99], [1, 1, 1, 1, 1]),
+        probs_final=_probs([0.9] * 5, [1] * 5),
+        router_probs=np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.5, 0.3, 0.2], [0.4, 0.3, 0.3], [0.0, 0.1, 0.9]]),
+    )
+    policy = Policy(alpha_device=0.9, alpha_edge=0.8, hard_margin=0.85, medium_margin=0.7)
+    assert route(policy, signals).tolist() == [
+        TIER_DEVICE,  # confident device exit
+        TIER_EDGE,  # router sure it is medium: device exit skipped
+        TIER_EDGE,  # device unsure, edge sure
+        TIER_CLOUD_VIA_EDGE,  # nobody sure
+        TIER_CLOUD_DIRECT,  # router sure it is hard, even though the device would be confident
+    ]
+    # infinite margins: the plain cascade, router ignored
+    cascade = Policy(0.9, 0.8)
+    assert not cascade.uses_router
+    assert route(cascade, signals).tolist() == [TIER_DEVICE, TIER_DEVICE, TIER_EDGE, TIER_CLOUD_VIA_EDGE, TIER_DEVICE]
+
+
+def test_policy_json_round_trip_keeps_infinity():
+    policy = Policy(0.9, 0.8, math.inf, 0.7)
+    raw = json.loads(json.dumps(policy.to_dict()))
+    assert raw["hard_margin"] is None
+    assert Policy.from_dict(raw) == policy
+
+
+def test_router_policy_without_router_probs_is_an_error():
+    signals = ExitSignals(_probs([0.9], [1]), _probs([0.9], [1]), _probs([0.9], [1]))
+    with pytest.raises(ValueError, match="router"):
+        route(Policy(0.5, 0.5, hard_margin=0.5), signals)
+
+
+def random_problem(seed: int, n: int = 120):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+
+    def exit_probs(skill):
+        right = rng.random(n) < skill
+        pred = np.where(right, labels, 1 - labels)
+        return _probs(0.5 + 0.5 * rng.random(n) * np.where(right, 1.0, 0.6), pred)
+
+    router = rng.dirichlet(np.ones(3), n)
+    return ExitSignals(exit_probs(0.7), exit_probs(0.8), exit_probs(0.9), router), labels
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), drops=st.tuples(st.floats(0, 5), st.floats(0, 5)))
+def test_more_tolerance_never_costs_more(seed, drops):
+    signals, labels = random_problem(seed)
+    costs = CostProfile().tier_costs(SPLIT)
+    small, large = sorted(drops)
+    tight = search_policy(signals, labels, costs, Objective("max-drop", small), grid_size=8, margin_grid_size=4)
+    loose = search_policy(signals, labels, costs, Objective("max-drop", large), grid_size=8, margin_grid_size=4)
+    assert loose.outcome.mean_cost <= tight.outcome.mean_cost + 1e-12
+    for found, drop in ((tight, small), (loose, large)):
+        assert found.outcome.accuracy >= found.reference_accuracy - drop / 100 - 1e-12
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["max-drop", "reward"]))
+def test_router_policy_never_loses_to_the_cascade_on_its_calibration_data(seed, kind):
+    signals, labels = random_problem(seed)
+    costs = CostProfile().tier_costs(SPLIT)
+    objective = Objective(kind, max_drop=1.0, beta=1.0)
+    cascade = search_policy(signals, labels, costs, objective, use_router=False, grid_size=8)
+    dimec = search_policy(signals, labels, costs, objective, use_router=True, grid_size=8, margin_grid_size=4)
+    if kind == "reward":
+        score = lambda o: o.accuracy - o.mean_cost  # noqa: E731
+        assert score(dimec.outcome) >= score(cascade.outcome) - 1e-12
+    else:
+        assert dimec.outcome.mean_cost <= cascade.outcome.mean_cost + 1e-12
+
+
+def test_vectorised_search_finds_the_brute_force_optimum():
+    signals, labels = random_problem(7, n=80)
+    costs = CostProfile().tier_costs(SPLIT)
+    objective = Objective("reward", beta=0.5)
+    found = search_policy(signals, labels, costs, objective, grid_size=5, margin_grid_size=3)
+    conf_d, conf_e = signals.probs_device.max(1), signals.probs_edge.max(1)
+    best = -np.inf
+    for a, b, h, m in itertools.product(
+        _threshold_grid(conf_d, 5),
+        _threshold_grid(conf_e, 5),
+        _threshold_grid(signals.router_probs[:, 2], 3)[1:],
+        _threshold_grid(signals.router_probs[:, 1], 3)[1:],
+    ):
+        o = evaluate_policy(Policy(a, b, h, m), signals, labels, costs)
+        best = max(best, o.accuracy - 0.5 * o.mean_cost)
+    assert found.outcome.accuracy - 0.5 * found.outcome.mean_cost == pytest.approx(best)
+
+
+def test_objective_validation():
+    with pytest.raises(ValueError, match="objective"):
+        Objective("fastest")
+    with pytest.raises(ValueError, match="non-negative"):
+        Objective("max-drop", max_drop=-1)
