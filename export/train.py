@@ -201,6 +201,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     elif (run / RUN_FILE).exists():
         raise RunError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
 
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, len(train_pool.label_names), cfg.device_split, cfg.edge_split, cfg.pooling)
+    # everything above validates input (data, labels, split points, model): nothing is written before it
     run.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model_path(cfg.model)
     tok_path = tokenizer_file(model_path, run / "model" / "tokenizer.json")
@@ -221,8 +224,6 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     if not resume:
         (run / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, len(train_pool.label_names), cfg.device_split, cfg.edge_split, cfg.pooling)
     head_params = list(model.heads.parameters())
     head_ids = {id(p) for p in head_params}
     encoder_params = [p for p in model.parameters() if id(p) not in head_ids]

@@ -1,0 +1,87 @@
+import subprocess
+import sys
+
+import pytest
+
+from device_runtime.cli import build_parser, main
+from tests.conftest import write_csv
+
+NO_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["train", "calibrate", "demo"])
+def test_every_subcommand_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: cartosplit {command}" in text and len(text) > 500
+
+
+def test_help_and_clear_error_without_torch():
+    done = _run_python(NO_TORCH + "from device_runtime.cli import main; main(['--help'])")
+    assert done.returncode == 0 and "calibrate" in done.stdout
+    done = _run_python(NO_TORCH + "from device_runtime.cli import main; main(['train', '--task', 'sst2'])")
+    assert done.returncode != 0
+    assert "needs torch and transformers" in done.stderr and "pip install torch==2.13.0" in done.stderr
+
+
+def _tiny_args(tiny_model, synthetic_files, out):
+    return [
+        "--model", str(tiny_model), "--train-file", str(synthetic_files[0]), "--dev-file", str(synthetic_files[1]),
+        "--train-size", "200", "--calib-size", "100", "--epochs", "2", "--device-split", "1", "--edge-split", "2",
+        "--max-length", "32", "--threads", "1", "--out", str(out),
+    ]  # fmt: skip
+
+
+def test_train_then_calibrate_from_the_command_line(tmp_path, tiny_model, synthetic_files, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *_tiny_args(tiny_model, synthetic_files, out)]) == 0
+    assert main(["calibrate", "--run", str(out), "--router", "mlp", "--objective", "reward", "--beta", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "dimec-dc (mlp@1)" in printed and "cascade (max-softmax)" in printed and "all-cloud" in printed
+    assert (out / "calibration.json").is_file() and (out / "data_map.png").is_file()
+    # the demo reuses a trained run instead of training again
+    assert main(["demo", *_tiny_args(tiny_model, synthetic_files, out)]) == 0
+    assert "reusing the trained run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--task", "qnli"], "unknown task"),
+        (["train", "--task", "sst2", "--data-dir", "/nonexistent/glue"], "/nonexistent/glue"),
+        (["calibrate", "--run", "/nonexistent/run"], "not a training run"),
+    ],
+)
+def test_bad_input_gives_a_clear_error_and_exit_code_2(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cartosplit {args[0]}: error:") and message.lower() in err.lower()
+
+
+def test_bad_split_and_bad_files_are_reported(tmp_path, tiny_model, synthetic_files, capsys):
+    args = _tiny_args(tiny_model, synthetic_files, tmp_path / "a")
+    assert main(["train", *args, "--device-split", "3"]) == 2
+    assert "split points" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # nothing half-made is left behind
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    bad = _tiny_args(tiny_model, (empty, synthetic_files[1]), tmp_path / "b")
+    assert main(["train", *bad]) == 2
+    assert "empty.csv" in capsys.readouterr().err
+    unknown = write_csv(tmp_path / "dev.csv", [("good film", "positive"), ("a plot", "neutral")])
+    bad = _tiny_args(tiny_model, (synthetic_files[0], unknown), tmp_path / "c")
+    assert main(["train", *bad]) == 2
+    assert "neutral" in capsys.readouterr().err
+
+
+def test_numbers_are_validated_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["train", "--epochs", "0"])
+    assert exit_info.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
