@@ -19,7 +19,10 @@ Split a BERT classifier over device, edge and cloud (DIMEC-DC: multi-exit BERT +
 Workflow on a workstation:
   cartosplit train --task sst2              fine-tune a multi-exit model, record training dynamics, map the data
   cartosplit calibrate --run runs/sst2      fit the router, choose thresholds on held-out data, print the table
-  cartosplit demo                           both, quickly, on a small SST-2 subset with the default model
+  cartosplit export --run runs/sst2 --out bundles/sst2
+                                            ONNX (fp32, int8) + TFLite slices, validated, in a hashed bundle
+  cartosplit inspect bundles/sst2           verify a bundle and print its manifest readably
+  cartosplit demo                           train + calibrate, quickly, on a small SST-2 subset
 """
 
 
@@ -165,6 +168,44 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(kind):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+
+    return parse
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.bundle_writer import ExportConfig, export_bundle
+
+    export_bundle(
+        ExportConfig(
+            run=args.run,
+            out=args.out,
+            formats=args.formats,
+            buckets=args.buckets,
+            opset=args.opset,
+            validation_samples=args.validation_samples,
+            fp32_tolerance=args.fp32_tolerance,
+            int8_min_agreement=args.int8_min_agreement,
+            threads=args.threads,
+            overwrite=args.overwrite,
+        )
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from device_runtime.bundle import describe, load_bundle
+
+    print(describe(load_bundle(args.bundle)))
+    print("all files match their sha256")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train (or reuse, or resume) a quick run, then calibrate it."""
     from export.calibrate import calibrate
@@ -209,6 +250,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_calibrate_args(p, with_run=True)
     p.set_defaults(func=cmd_calibrate, needs_export=True)
+
+    p = sub.add_parser(
+        "export",
+        help="export a calibrated run to a validated bundle (ONNX fp32/int8, TFLite)",
+        description="Slice the trained model into the graphs each tier runs (device head up to the router, "
+        "device tail, edge, cloud from each entry depth, full model), export them to ONNX fp32 (dynamic "
+        "batch and sequence) and int8 (onnxruntime dynamic quantization; weight type and per-channel "
+        "chosen by measured agreement), and the device graphs to TFLite fp32/int8 (one file per sequence "
+        "bucket). Every artifact is checked against torch on held-out samples; beyond tolerance the bundle "
+        "is refused (kept as OUT.rejected). The bundle's manifest.json lists split points, policy, costs, "
+        "validation and the size and sha256 of every file.",
+    )
+    p.add_argument("--run", required=True, help="a calibrated run folder")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument(
+        "--formats",
+        type=_csv(str),
+        default=("onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"),
+        help="comma-separated subset of onnx-fp32,onnx-int8,tflite-fp32,tflite-int8 (default: all)",
+    )
+    p.add_argument(
+        "--buckets", type=_csv(int), default=(32, 64, 128), help="TFLite sequence lengths (default: 32,64,128)"
+    )
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    p.add_argument("--validation-samples", type=_positive_int, default=256, help="held-out samples checked")
+    p.add_argument("--fp32-tolerance", type=float, default=1e-3, help="max abs logit diff for fp32 (default: 1e-3)")
+    p.add_argument(
+        "--int8-min-agreement", type=float, default=0.95, help="min label/router agreement for int8 (default: 0.95)"
+    )
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch and the runtimes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.set_defaults(func=cmd_export, needs_export=True)
+
+    p = sub.add_parser(
+        "inspect",
+        help="verify a bundle (schema, sizes, sha256) and print its manifest",
+        description="Load a bundle as a device or server would: refuse an unknown schema version or any missing, "
+        "truncated or modified file; then print split points, policy, costs, formats, graphs, validation "
+        "figures and files. Needs no torch.",
+    )
+    p.add_argument("bundle", help="bundle folder")
+    p.set_defaults(func=cmd_inspect, needs_export=False)
 
     p = sub.add_parser(
         "demo",

@@ -39,6 +39,7 @@ class CalibrateConfig:
     grid_size: int = 25
     margin_grid_size: int = 12
     batch_size: int = 64
+    write: bool = True  # False: report only, leave the run's router and calibration.json as they are
 
 
 def _cached_forward(run: Path, model: MultiExitBert, name: str, encoded: list, depths: tuple[int, ...], batch: int):
@@ -126,7 +127,8 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     }
 
     router, report = fit_router(forward["train"][1][cfg.router.depth], groups, cfg.router)
-    save_router(router, cfg.router, run / "router")
+    if cfg.write:
+        save_router(router, cfg.router, run / "router")
     signals = {}
     for name in ("calib", "dev"):
         probs, pooled = forward[name]
@@ -165,9 +167,10 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
         "results": results,
         "seconds": round(time.time() - started, 1),
     }
-    (run / CALIBRATION_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    info["status"] = "calibrated"
-    (run / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    if cfg.write:
+        (run / CALIBRATION_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        info["status"] = "calibrated"
+        (run / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
     obj = cfg.objective
     goal = f"max drop {obj.max_drop} pt" if obj.kind == "max-drop" else f"reward, beta {obj.beta}"
@@ -180,7 +183,8 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     for name in ("calib", "dev"):
         n = len(calib_labels) if name == "calib" else len(dev_labels)
         log(format_table(results[name], f"\n{name} ({n} samples; objective: {goal}; cost unit: {profile.unit})"))
-    log(f"saved {run / CALIBRATION_FILE}")
+    if cfg.write:
+        log(f"saved {run / CALIBRATION_FILE}")
     return summary
 
 

@@ -1,0 +1,158 @@
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from device_runtime.bundle import BundleError, load_bundle
+from device_runtime.cli import main
+from export.bundle_writer import ExportConfig, ExportError, export_bundle
+from export.calibrate import CalibrateConfig, calibrate
+from export.router import RouterConfig
+
+QUIET = {"log": lambda *_: None}
+ONNX_ONLY = ("onnx-fp32", "onnx-int8")
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(trained_run, tmp_path_factory):
+    run = tmp_path_factory.mktemp("calibrated") / "run"
+    shutil.copytree(trained_run, run)
+    calibrate(CalibrateConfig(run=str(run), router=RouterConfig(kind="logreg", depth=1)), **QUIET)
+    return run
+
+
+@pytest.fixture(scope="module")
+def bundle(calibrated_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(
+        ExportConfig(run=str(calibrated_run), out=str(out), formats=ONNX_ONLY, validation_samples=64), **QUIET
+    )
+    return out
+
+
+def test_bundle_manifest_describes_everything(bundle):
+    loaded = load_bundle(bundle)
+    m = loaded.manifest
+    assert m["schema_version"] == 1
+    assert m["split_points"] == {"router_depth": 1, "device": 1, "edge": 2, "total": 4}
+    assert m["model"]["labels"] == ["negative", "positive"] and m["model"]["hidden_size"] == 32
+    assert set(m["graphs"]) == {"device_head", "device_tail", "edge", "cloud_from_2", "cloud_from_1", "full"}
+    assert m["tokenizer"] == "tokenizer.json" and "tokenizer.json" in m["files"]
+    assert m["formats"]["onnx-fp32"]["opset"] == 17
+    assert m["formats"]["onnx-int8"]["weight_type"] in ("QInt8", "QUInt8")
+    assert len(m["formats"]["onnx-int8"]["candidates"]) == 4
+    for rel, entry in m["files"].items():
+        assert (bundle / rel).stat().st_size == entry["size"] and len(entry["sha256"]) == 64
+    assert not list(bundle.parent.glob("*.partial"))
+
+
+def test_fp32_matches_torch_and_int8_agrees_on_labels(bundle):
+    validation = load_bundle(bundle).manifest["validation"]["formats"]
+    fp32, int8 = validation["onnx-fp32"], validation["onnx-int8"]
+    assert fp32["passed"] and max(fp32["max_abs_diff"].values()) < 1e-4
+    assert all(v == 1.0 for v in fp32["agreement"].values())
+    assert int8["passed"]
+    for exit_name in ("device", "edge", "final", "full"):
+        assert int8["agreement"][exit_name] >= 0.95
+
+
+def test_every_graph_runs_in_plain_onnxruntime_with_any_batch_and_length(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for spec in manifest["graphs"].values():
+        for fmt in ("onnx-fp32", "onnx-int8"):
+            session = ort.InferenceSession(str(bundle / spec["files"][fmt]), providers=["CPUExecutionProvider"])
+            assert [i.name for i in session.get_inputs()] == spec["inputs"]
+            for batch, length in ((1, 5), (3, 17)):
+                mask = np.ones((batch, length), dtype=np.int64)
+                if spec["inputs"][0] == "input_ids":
+                    feed = {"input_ids": np.full((batch, length), 7), "attention_mask": mask}
+                    feed["token_type_ids"] = np.zeros((batch, length), dtype=np.int64)
+                else:
+                    feed = {"hidden_in": np.random.default_rng(0).normal(size=(batch, length, 32)).astype(np.float32)}
+                    feed["attention_mask"] = mask
+                outputs = session.run(None, feed)
+                assert [o.name for o in session.get_outputs()] == spec["outputs"]
+                assert set(spec["outputs"]) & {"logits", "router_logits"}
+                assert all(np.isfinite(o).all() and o.shape[0] == batch for o in outputs)
+
+
+def _copy(bundle, tmp_path):
+    target = tmp_path / "b"
+    shutil.copytree(bundle, target)
+    return target
+
+
+def test_tampered_truncated_and_missing_files_are_refused(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    graph = b / "onnx" / "fp32" / "edge.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"edge\.onnx does not match its sha256"):
+        load_bundle(b)
+    graph.write_bytes(bytes(data[:100]))
+    with pytest.raises(BundleError, match=r"edge\.onnx has 100 bytes"):
+        load_bundle(b)
+    graph.unlink()
+    with pytest.raises(BundleError, match=r"edge\.onnx is missing"):
+        load_bundle(b)
+
+
+def test_wrong_schema_version_and_bad_manifests_are_refused(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    manifest = json.loads((b / "manifest.json").read_text())
+    (b / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(BundleError, match="schema version 99 is not supported"):
+        load_bundle(b)
+    escaped = {**manifest, "files": {**manifest["files"], "../outside": {"size": 1, "sha256": "0" * 64}}}
+    (b / "manifest.json").write_text(json.dumps(escaped))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(b)
+    unlisted = json.loads(json.dumps(manifest))
+    del unlisted["files"]["onnx/int8/edge.onnx"]
+    (b / "manifest.json").write_text(json.dumps(unlisted))
+    with pytest.raises(BundleError, match="no size/sha256 entry"):
+        load_bundle(b)
+    (b / "manifest.json").write_text("{broken")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(b)
+    (b / "manifest.json").unlink()
+    with pytest.raises(BundleError, match=r"manifest\.json is missing"):
+        load_bundle(b)
+
+
+def test_inspect_prints_a_verified_bundle_and_refuses_a_tampered_one(bundle, tmp_path, capsys):
+    assert main(["inspect", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "router after layer 1, device exit after 1" in out and "all files match their sha256" in out
+    b = _copy(bundle, tmp_path)
+    (b / "tokenizer.json").write_text("{}")
+    assert main(["inspect", str(b)]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
+
+
+def test_export_refuses_beyond_tolerance_and_keeps_the_rejected_bundle(calibrated_run, tmp_path):
+    out = tmp_path / "strict"
+    cfg = ExportConfig(run=str(calibrated_run), out=str(out), formats=ONNX_ONLY, int8_min_agreement=1.01)
+    with pytest.raises(ExportError, match="beyond tolerance"):
+        export_bundle(cfg, **QUIET)
+    assert not out.exists()
+    report = json.loads((tmp_path / "strict.rejected" / "manifest.json").read_text())
+    assert not report["validation"]["formats"]["onnx-int8"]["passed"]
+
+
+def test_export_prerequisites_and_options_are_checked(calibrated_run, trained_run, tmp_path, bundle):
+    with pytest.raises(ExportError, match="exists"):
+        export_bundle(ExportConfig(run=str(calibrated_run), out=str(bundle), formats=ONNX_ONLY), **QUIET)
+    with pytest.raises(ExportError, match="unknown formats"):
+        ExportConfig(run="r", out="o", formats=("onnx-fp16",))
+    with pytest.raises(ExportError, match="include both"):
+        ExportConfig(run="r", out="o", formats=("onnx-int8",))
+    uncalibrated = tmp_path / "uncalibrated"
+    shutil.copytree(trained_run, uncalibrated)
+    shutil.rmtree(uncalibrated / "router", ignore_errors=True)
+    (uncalibrated / "calibration.json").unlink(missing_ok=True)
+    with pytest.raises(ExportError, match="not calibrated"):
+        export_bundle(ExportConfig(run=str(uncalibrated), out=str(tmp_path / "x"), formats=ONNX_ONLY), **QUIET)
