@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
@@ -18,23 +17,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from benchmarks.machine import describe_machine
 from device_runtime.policy import Objective
 from export.calibrate import CalibrateConfig, calibrate
 from export.router import ROUTER_KINDS, RouterConfig
 from export.train import load_run
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import os
-
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.router_variants " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     header = {
         "command": command,
-        "machine": machine(),
+        "machine": describe_machine(),
         "seconds": round(time.time() - started, 1),
         "run": args.run,
         "task": tcfg.task,

@@ -156,3 +156,27 @@ def test_export_prerequisites_and_options_are_checked(calibrated_run, trained_ru
     (uncalibrated / "calibration.json").unlink(missing_ok=True)
     with pytest.raises(ExportError, match="not calibrated"):
         export_bundle(ExportConfig(run=str(uncalibrated), out=str(tmp_path / "x"), formats=ONNX_ONLY), **QUIET)
+
+
+def test_tflite_device_graphs_per_bucket_run_in_plain_litert(calibrated_run, tmp_path):
+    pytest.importorskip("litert_torch", reason="TFLite export needs litert-torch (the tflite extra)")
+    from ai_edge_litert.interpreter import Interpreter
+
+    out = tmp_path / "with-tflite"
+    cfg = ExportConfig(run=str(calibrated_run), out=str(out), buckets=(16, 32), validation_samples=48)
+    export_bundle(cfg, **QUIET)
+    m = load_bundle(out).manifest
+    for fmt in ("tflite-fp32", "tflite-int8"):
+        report = m["validation"]["formats"][fmt]
+        assert report["passed"], report["failures"]
+        assert m["formats"][fmt]["buckets"] == [16, 32]
+        for graph in ("device_head", "device_tail"):
+            assert set(m["graphs"][graph]["files"][fmt]) == {"16", "32"}
+        assert "edge" not in m["graphs"]["edge"]["files"].get(fmt, {})
+    assert max(m["validation"]["formats"]["tflite-fp32"]["max_abs_diff"].values()) < 1e-4
+    # a phone needs nothing of cartosplit to run a graph: plain LiteRT, fixed shape [1, bucket]
+    interpreter = Interpreter(model_path=str(out / m["graphs"]["device_head"]["files"]["tflite-int8"]["16"]))
+    runner = interpreter.get_signature_runner()
+    tokens = {name: np.ones((1, 16), dtype=np.int32) for name in runner.get_input_details()}
+    outputs = runner(**tokens)
+    assert {v.shape for v in outputs.values()} == {(1, 3), (1, 16, 32)}
