@@ -180,3 +180,25 @@ def test_tflite_device_graphs_per_bucket_run_in_plain_litert(calibrated_run, tmp
     tokens = {name: np.ones((1, 16), dtype=np.int32) for name in runner.get_input_details()}
     outputs = runner(**tokens)
     assert {v.shape for v in outputs.values()} == {(1, 3), (1, 16, 32)}
+
+
+def test_device_runtime_loads_and_runs_a_bundle_without_torch(bundle):
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+sys.modules["transformers"] = None
+import numpy as np
+from device_runtime import bundle, cli, costs, litert_backend, onnx_backend, policy, text
+b = bundle.load_bundle({str(bundle)!r})
+tok = text.load_tokenizer(b.path(b.manifest["tokenizer"]), 32)
+batch = text.pad_batch(text.encode(tok, ["the film was good", "bad plot"]))
+head = onnx_backend.OnnxSession(b.graph_file("device_head", "onnx-int8"))
+router_logits, hidden = head.run([batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]])
+print(router_logits.shape, hidden.shape)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "(2, 3) (2, 6, 32)" in done.stdout
