@@ -42,6 +42,7 @@ def file_entries(folder: Path, relpaths: list[str]) -> dict[str, dict]:
 class Bundle:
     folder: Path
     manifest: dict
+    bundle_id: str = ""  # sha256 of manifest.json: every tier must serve the same bundle
 
     @property
     def split_points(self) -> dict:
@@ -116,7 +117,7 @@ def load_bundle(folder: str | Path, verify: bool = True) -> Bundle:
                 raise BundleError(f"{folder}: {rel} has {size} bytes, the manifest says {entry['size']} (truncated?)")
             if sha256_file(path) != entry["sha256"]:
                 raise BundleError(f"{folder}: {rel} does not match its sha256 in the manifest (modified or corrupt)")
-    return Bundle(folder, manifest)
+    return Bundle(folder, manifest, hashlib.sha256(manifest_path.read_bytes()).hexdigest())
 
 
 def describe(bundle: Bundle) -> str:

@@ -323,6 +323,7 @@ def export_bundle(cfg: ExportConfig, log=print) -> Path:
             "labels": info["label_names"],
             "num_layers": model.config.num_layers,
             "hidden_size": model.config.hidden_size,
+            "vocab_size": model.encoder.config.vocab_size,
             "max_length": tcfg.max_length,
             "pooling": model.config.pooling,
         },

@@ -1,1 +1,1 @@
-"""Placeholder: filled by a later issue (see README roadmap)."""
+"""The wire contract between tiers: ``tiers.proto``, its generated code, and the numpy tensor codec."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -121,4 +122,30 @@ def trained_run(tmp_path_factory, tiny_model, synthetic_files) -> Path:
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(tiny_train_config(out, tiny_model, synthetic_files), log=lambda *_: None)
+    return out
+
+
+ONNX_ONLY = ("onnx-fp32", "onnx-int8")
+
+
+@pytest.fixture(scope="session")
+def calibrated_run(trained_run, tmp_path_factory) -> Path:
+    """The tiny run, calibrated with a logreg router at depth 1."""
+    run = tmp_path_factory.mktemp("calibrated") / "run"
+    shutil.copytree(trained_run, run)
+    from export.calibrate import CalibrateConfig, calibrate
+    from export.router import RouterConfig
+
+    calibrate(CalibrateConfig(run=str(run), router=RouterConfig(kind="logreg", depth=1)), log=lambda *_: None)
+    return run
+
+
+@pytest.fixture(scope="session")
+def bundle(calibrated_run, tmp_path_factory) -> Path:
+    """An ONNX (fp32 + int8) bundle of the tiny run: split r=1, d=1, e=2, L=4, hidden 32."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    from export.bundle_writer import ExportConfig, export_bundle
+
+    cfg = ExportConfig(run=str(calibrated_run), out=str(out), formats=ONNX_ONLY, validation_samples=64)
+    export_bundle(cfg, log=lambda *_: None)
     return out

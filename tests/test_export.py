@@ -8,28 +8,9 @@ import pytest
 from device_runtime.bundle import BundleError, load_bundle
 from device_runtime.cli import main
 from export.bundle_writer import ExportConfig, ExportError, export_bundle
-from export.calibrate import CalibrateConfig, calibrate
-from export.router import RouterConfig
+from tests.conftest import ONNX_ONLY
 
 QUIET = {"log": lambda *_: None}
-ONNX_ONLY = ("onnx-fp32", "onnx-int8")
-
-
-@pytest.fixture(scope="module")
-def calibrated_run(trained_run, tmp_path_factory):
-    run = tmp_path_factory.mktemp("calibrated") / "run"
-    shutil.copytree(trained_run, run)
-    calibrate(CalibrateConfig(run=str(run), router=RouterConfig(kind="logreg", depth=1)), **QUIET)
-    return run
-
-
-@pytest.fixture(scope="module")
-def bundle(calibrated_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle(
-        ExportConfig(run=str(calibrated_run), out=str(out), formats=ONNX_ONLY, validation_samples=64), **QUIET
-    )
-    return out
 
 
 def test_bundle_manifest_describes_everything(bundle):
