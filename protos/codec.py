@@ -5,6 +5,7 @@ numpy only (no grpc import), so the device, both servers and tests share one imp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,14 @@ ENCODINGS = {"fp32": pb.FP32, "fp16": pb.FP16, "int8": pb.INT8}
 
 class TensorError(ValueError):
     """A tensor that cannot be decoded or does not fit what the receiver expects."""
+
+
+def encoding_name(value: int) -> str:
+    """The enum's name, or the number for a value this version does not know (sent by a newer peer)."""
+    try:
+        return pb.Encoding.Name(value)
+    except ValueError:
+        return f"unknown encoding {value}"
 
 
 def encode_tensor(array: np.ndarray, encoding: int = pb.FP32) -> pb.Tensor:
@@ -55,20 +64,20 @@ def decode_tensor(
     Floats come back as float32 and integers as int64, whatever travelled.
     """
     if tensor.encoding not in allowed:
-        names = [pb.Encoding.Name(e) for e in allowed]
-        raise TensorError(f"{name}: encoding {pb.Encoding.Name(tensor.encoding)} not accepted here (use {names})")
+        names = [encoding_name(e) for e in allowed]
+        raise TensorError(f"{name}: encoding {encoding_name(tensor.encoding)} not accepted here (use {names})")
     shape = tuple(int(s) for s in tensor.shape)
     if len(shape) != rank:
         raise TensorError(f"{name}: expected rank {rank}, got shape {list(shape)}")
     if any(s < 1 for s in shape):
         raise TensorError(f"{name}: every dimension must be >= 1, got shape {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: a crafted shape cannot wrap around as int64 would
     if count > max_elements:
         raise TensorError(f"{name}: {count} elements is over this server's limit of {max_elements}")
     dtype = _NUMPY[tensor.encoding]
     if len(tensor.data) != count * dtype.itemsize:
         raise TensorError(
-            f"{name}: {len(tensor.data)} bytes do not fit shape {list(shape)} as {pb.Encoding.Name(tensor.encoding)} "
+            f"{name}: {len(tensor.data)} bytes do not fit shape {list(shape)} as {encoding_name(tensor.encoding)} "
             f"({count * dtype.itemsize} expected)"
         )
     values = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
