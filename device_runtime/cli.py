@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from device_runtime.defaults import DEFAULT_DEVICE_SPLIT, DEFAULT_EDGE_SPLIT, DEFAULT_MODEL
 
@@ -22,6 +21,11 @@ Workflow on a workstation:
   cartosplit export --run runs/sst2 --out bundles/sst2
                                             ONNX (fp32, int8) + TFLite slices, validated, in a hashed bundle
   cartosplit inspect bundles/sst2           verify a bundle and print its manifest readably
+
+Serving (no torch needed):
+  cartosplit serve-cloud --bundle B --port 50052
+  cartosplit serve-edge --bundle B --port 50051 --cloud 127.0.0.1:50052
+  cartosplit run --bundle B --edge 127.0.0.1:50051 --cloud 127.0.0.1:50052 < texts.txt > answers.jsonl
   cartosplit demo                           train + calibrate, quickly, on a small SST-2 subset
 """
 
@@ -206,19 +210,72 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_inputs(source) -> tuple[list[str], list[str] | None]:
+    """Text lines, or JSON Lines with "text" (and optional "text_pair"), detected per file."""
+    texts, pairs = [], []
+    for number, line in enumerate(source, 1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"input line {number}: invalid JSON ({exc})") from None
+            if not isinstance(record.get("text"), str):
+                raise ValueError(f'input line {number}: a JSON line needs a "text" string')
+            texts.append(record["text"])
+            pairs.append(record.get("text_pair"))
+        else:
+            texts.append(line)
+            pairs.append(None)
+    if any(p is not None for p in pairs):
+        if any(p is None for p in pairs):
+            raise ValueError('either every input line has a "text_pair" or none does')
+        return texts, pairs
+    return texts, None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from device_runtime.runtime import DeviceRuntime
+
+    # the bundle first: a wrong or tampered bundle is refused before any input is read
+    runtime = DeviceRuntime(
+        args.bundle,
+        edge=args.edge,
+        cloud=args.cloud,
+        backend=args.backend,
+        fmt=args.format,
+        threads=args.threads,
+        timeout_s=args.timeout,
+        encoding=args.encoding,
+    )
+    with runtime:
+        source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")  # noqa: SIM115
+        with source:
+            texts, pairs = _read_inputs(source)
+        sink = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+        with sink:
+            # one input at a time, written as it is answered: a long stream shows progress and loses nothing
+            for i, text in enumerate(texts):
+                pair = None if pairs is None else [pairs[i]]
+                prediction = runtime.predict([text], pair)[0]
+                sink.write(json.dumps({"index": i, **prediction.to_dict()}) + "\n")
+                sink.flush()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train (or reuse, or resume) a quick run, then calibrate it."""
-    from export.calibrate import calibrate
-    from export.train import RUN_FILE, train
+    from export.demo import run_demo
 
     cfg = _train_config(args)
-    run_file = Path(cfg.out) / RUN_FILE
-    status = json.loads(run_file.read_text()).get("status") if run_file.is_file() else None
-    if status in ("trained", "calibrated"):
-        print(f"reusing the trained run in {cfg.out} (delete it to train again)")
-    else:
-        train(cfg, resume=status is not None)
-    calibrate(_calibrate_config(args, cfg.out))
+    run_demo(
+        cfg,
+        _calibrate_config(args, cfg.out),
+        device_format=args.device_format,
+        server_format=args.server_format,
+        limit=args.limit,
+    )
     return 0
 
 
@@ -293,14 +350,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle folder")
     p.set_defaults(func=cmd_inspect, needs_export=False)
 
+    from cloud_server import server as cloud_server
+    from edge_server import server as edge_server
+
+    p = sub.add_parser(
+        "serve-cloud",
+        help="serve the cloud tier: the rest of the model from any entry depth, and the full model from tokens",
+        description="gRPC CloudTier server (protos/tiers.proto) for a bundle: runs cloud_from_<depth> for "
+        "activations from the edge or straight from the device's router, and the full model from tokens "
+        "(all-cloud mode). Dynamic batching, gRPC health checking and reflection, Prometheus metrics "
+        "(--metrics-port), max message size, deadlines, graceful shutdown on SIGTERM (drains in-flight "
+        "requests), JSON logs on stderr. Every request is validated against the bundle before a model sees "
+        "it. Binds 127.0.0.1 unless --host says otherwise. Needs no torch.",
+    )
+    cloud_server.add_arguments(p)
+    p.set_defaults(func=cloud_server.serve, needs_export=False)
+
+    p = sub.add_parser(
+        "serve-edge",
+        help="serve the edge tier: the edge slice and its exit; forward the unsure to the cloud",
+        description="gRPC EdgeTier server for a bundle: runs the edge slice on activations from the device, "
+        "answers when its exit is confident (the bundle's alpha_edge, or --alpha-edge) and forwards the "
+        "rest to --cloud (fp16 activations by default). If the cloud is unreachable it answers from its own "
+        "exit and marks the reply degraded. Same batching, health, reflection, metrics, limits and "
+        "shutdown as serve-cloud. Needs no torch.",
+    )
+    edge_server.add_arguments(p)
+    p.set_defaults(func=edge_server.serve, needs_export=False)
+
+    p = sub.add_parser(
+        "run",
+        help="the device: classify text with a bundle, offloading to edge/cloud servers as the policy says",
+        description='Read text lines or JSON Lines ({"text": ..., "text_pair": ...}) and write one JSON line '
+        "per input: label, score, the tier that answered, the route, latency (ms), bytes sent, cost, and "
+        "degraded=true when a tier the policy wanted was unreachable. Runs the device graphs and the router "
+        "locally (onnxruntime or LiteRT, no torch); easy inputs never leave the device. Edge down: the "
+        "cloud answers; both down: the device's own exit answers.",
+    )
+    p.add_argument("--bundle", required=True, help="bundle folder (verified before use)")
+    p.add_argument("--edge", help="edge server HOST:PORT (absent: medium inputs go to the cloud)")
+    p.add_argument("--cloud", help="cloud server HOST:PORT (absent: the device answers what it cannot send)")
+    p.add_argument("--backend", choices=("onnxruntime", "litert"), default="onnxruntime", help="(default: %(default)s)")
+    p.add_argument("--format", help="graph format, e.g. onnx-int8, tflite-int8 (default: int8 of the backend)")
+    p.add_argument("--encoding", choices=("fp32", "fp16", "int8"), default="fp16", help="activations on the wire")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds per remote call (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for the device graphs")
+    p.add_argument("--input", default="-", help="text or JSONL file (default: stdin)")
+    p.add_argument("--output", default="-", help="JSONL output file (default: stdout)")
+    p.set_defaults(func=cmd_run, needs_export=False)
+
     p = sub.add_parser(
         "demo",
-        help="quick end to end: train + calibrate the default model on a small SST-2 subset",
-        description="Train (or reuse) a quick multi-exit run of the default model on SST-2 and calibrate it. "
-        "Later runs reuse the trained model and take seconds.",
+        help="end to end on one machine: train, calibrate, export, serve edge + cloud, run the device",
+        description="Train (or reuse) a quick multi-exit run of the default model on 2,000 SST-2 sentences, "
+        "calibrate it, export an ONNX bundle, start a cloud and an edge server as subprocesses on free "
+        "loopback ports, run the device runtime over the SST-2 dev set through them, and print accuracy, "
+        "tier shares, mean cost, latency and bytes sent next to all-cloud. Each step reuses what an "
+        "earlier demo left when nothing changed.",
     )
     _add_train_args(p, "runs/demo-sst2", size=2000, calib=1000, epochs=3)
     _add_calibrate_args(p, with_run=False)
+    p.add_argument("--device-format", default="onnx-int8", help="device graphs (default: %(default)s)")
+    p.add_argument("--server-format", default="onnx-fp32", help="edge and cloud graphs (default: %(default)s)")
+    p.add_argument("--limit", type=_positive_int, help="only the first N dev inputs")
     p.set_defaults(func=cmd_demo, needs_export=True)
     return parser
 
@@ -315,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; `--resume` continues from the last finished epoch", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as exc:  # DataError, RunError, ModelError are ValueErrors
+    except (ValueError, OSError) as exc:  # DataError, RunError, ModelError, BundleError are ValueErrors
         print(f"cartosplit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

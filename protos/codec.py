@@ -84,7 +84,11 @@ def decode_tensor(
     if tensor.encoding == pb.INT8:
         if not np.isfinite(tensor.scale) or tensor.scale <= 0:
             raise TensorError(f"{name}: INT8 needs a positive finite scale, got {tensor.scale}")
-        return ((values.astype(np.float32) - tensor.zero_point) * tensor.scale).astype(np.float32)
+        with np.errstate(over="ignore"):  # a huge scale overflows to inf, refused just below
+            values = ((values.astype(np.float32) - tensor.zero_point) * np.float32(tensor.scale)).astype(np.float32)
+        if not np.isfinite(values).all():
+            raise TensorError(f"{name}: INT8 scale {tensor.scale} takes values past the float32 range")
+        return values
     if dtype.kind == "f":
         values = values.astype(np.float32)
         if not np.isfinite(values).all():

@@ -37,6 +37,7 @@ def test_token_ids_round_trip_as_int64():
         (pb.Tensor(data=b"\0" * 16, encoding=pb.ENCODING_UNSPECIFIED, shape=[2, 2]), "not accepted"),
         (pb.Tensor(data=np.full(4, np.nan, np.float32).tobytes(), encoding=pb.FP32, shape=[2, 2]), "NaN"),
         (pb.Tensor(data=b"\0" * 4, encoding=pb.INT8, shape=[2, 2], scale=0.0), "positive finite scale"),
+        (pb.Tensor(data=b"\x7f" * 4, encoding=pb.INT8, shape=[2, 2], scale=3e38, zero_point=-128), "float32 range"),
         (pb.Tensor(data=b"", encoding=pb.FP32, shape=[10**6, 10**6]), "over this server's limit"),
         (pb.Tensor(data=b"", encoding=pb.FP32, shape=[2**62, 2**62]), "over this server's limit"),  # wraps in int64
     ],

@@ -1,0 +1,112 @@
+"""The cloud tier: finishes what the device or the edge started and answers from the final exit.
+
+Depths served: the edge split e and the router depth r (when r > 0) take a hidden state and run
+``cloud_from_<depth>``; depth 0 takes raw tokens and runs ``full`` (the all-cloud path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+
+from cloud_server.tier import (
+    RequestError,
+    ServerConfig,
+    TierMetrics,
+    TierServer,
+    TierServicer,
+    add_common_arguments,
+    check_envelope,
+    config_from_args,
+    configure_logging,
+    decode_hidden,
+    decode_tokens,
+    reply_from_logits,
+    run_until_signal,
+)
+from device_runtime.bundle import Bundle, BundleError, load_bundle
+from protos import tiers_pb2 as pb
+from protos import tiers_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CloudTier"].full_name
+DEFAULT_PORT = 50052
+
+
+class CloudServicer(TierServicer, pb_grpc.CloudTierServicer):
+    tier = pb.CLOUD
+    tier_name = "cloud"
+
+    def __init__(self, bundle: Bundle, config: ServerConfig, metrics: TierMetrics | None = None) -> None:
+        super().__init__(bundle, config, metrics or TierMetrics(self.tier_name))
+        self.graph_for_depth = cloud_graphs(bundle)
+        try:
+            for depth, graph in self.graph_for_depth.items():
+                self.add_graph(graph, "tokens" if depth == 0 else "hidden")
+        except Exception:
+            self.close()  # no batcher threads left behind by a half-built servicer
+            raise
+
+    def infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:
+        check_envelope(request, self.bundle.bundle_id, self.graph_for_depth, self.tier_name)
+        if request.depth == 0:
+            if not request.HasField("input_ids") or request.HasField("hidden"):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "depth 0 takes input_ids (and no hidden)")
+            arrays = decode_tokens(request, self.vocab_size, self.max_length)
+        else:
+            if not request.HasField("hidden") or request.HasField("input_ids"):
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"depth {request.depth} takes hidden (and no input_ids)"
+                )
+            arrays = (decode_hidden(request.hidden, self.hidden_size, self.max_length),)
+        result = self.run_graph(self.graph_for_depth[request.depth], arrays, context)
+        (logits,) = result.outputs
+        return reply_from_logits(request, logits, pb.CLOUD, self.split["total"], self.timing(result))
+
+
+def cloud_graphs(bundle: Bundle) -> dict[int, str]:
+    """Depth -> graph: {e, r if r > 0} take hidden states, 0 takes tokens."""
+    split = bundle.split_points
+    graphs = {0: "full"}
+    for depth in (split["edge"], split["router_depth"]):
+        if depth > 0:
+            graphs[depth] = f"cloud_from_{depth}"
+    missing = [g for g in graphs.values() if g not in bundle.manifest["graphs"]]
+    if missing:
+        raise BundleError(f"{bundle.folder}: the cloud needs graphs {missing}, which the bundle lacks")
+    return graphs
+
+
+def build_cloud_server(config: ServerConfig, bundle: Bundle | None = None) -> TierServer:
+    """Load the bundle (verified) and the cloud graphs, bind the port; call ``.start()`` to serve."""
+    bundle = bundle or load_bundle(config.bundle)
+    servicer = CloudServicer(bundle, config)
+    return TierServer(config, servicer, pb_grpc.add_CloudTierServicer_to_server, SERVICE_NAME)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``cartosplit serve-cloud``."""
+    add_common_arguments(parser, DEFAULT_PORT)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``cartosplit serve-cloud``: serve until SIGTERM/SIGINT; prints one ready line to stdout."""
+    configure_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+        server = build_cloud_server(config)
+    except (BundleError, OSError, ValueError) as exc:
+        print(f"cartosplit serve-cloud: {exc}", file=sys.stderr)
+        return 2
+    return run_until_signal(server, f"cloud serving {config.bundle} on {server.address}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cartosplit-cloud", description="Serve the cloud tier of a bundle.")
+    add_arguments(parser)
+    return serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,353 @@
+"""The device side: tokenize, run the device graphs and the router, answer or offload, never lose an input.
+
+Per input, following the bundle's calibrated policy (see ``device_runtime.policy``):
+- router says hard (P(hard) >= hard_margin): send the hidden state at depth r (or, for r = 0, the tokens)
+  straight to the cloud;
+- else finish the device slice; answer here if the device exit is confident (and the router did not
+  flag the input medium), else send the hidden state at depth d to the edge, which answers or forwards.
+
+Fallback: edge unreachable or too slow -> the cloud (from depth r, or from tokens); cloud unreachable too
+-> the device's own exit, marked ``degraded``. A tier that failed is skipped for ``retry_after_s`` so
+that a dead server costs one timeout, not one per input. Torch-free.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from device_runtime.bundle import ONNX_FP32, ONNX_INT8, TFLITE_FP32, TFLITE_INT8, Bundle, load_bundle
+from device_runtime.costs import (
+    TIER_CLOUD_DIRECT,
+    TIER_CLOUD_VIA_EDGE,
+    TIER_DEVICE,
+    TIER_EDGE,
+    TIER_NAMES,
+    CostProfile,
+    SplitPoints,
+)
+from device_runtime.policy import HARD, MEDIUM, Policy
+from device_runtime.text import encode, load_tokenizer, pad_batch
+
+TIER_LABELS = {0: "unspecified", 1: "device", 2: "edge", 3: "cloud"}
+
+
+@dataclass
+class Prediction:
+    label: str
+    label_id: int
+    score: float  # probability of the label, at the exit that answered
+    probabilities: list[float]
+    tier: str  # device / edge / cloud
+    route: str  # costs.TIER_NAMES: device, edge, cloud_via_edge, cloud_direct
+    exit_depth: int
+    degraded: bool  # a tier the policy wanted was unreachable; an earlier exit answered
+    latency_ms: float
+    bytes_sent: int
+    cost: float  # the bundle's cost profile for this route (what calibration optimised)
+    tier_ms: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class _DeviceGraphs:
+    """device_head and device_tail on onnxruntime (exact length) or LiteRT (padded to a bucket)."""
+
+    def __init__(self, bundle: Bundle, fmt: str, threads: int | None) -> None:
+        self.fmt = fmt
+        if fmt.startswith("onnx"):
+            from device_runtime.onnx_backend import OnnxSession
+
+            self.head = OnnxSession(bundle.graph_file("device_head", fmt), threads)
+            self.tail = OnnxSession(bundle.graph_file("device_tail", fmt), threads)
+            self.buckets = None
+        else:
+            from device_runtime.litert_backend import LiteRTSession
+
+            self.buckets = sorted(bundle.manifest["formats"][fmt]["buckets"])
+            self.sessions = {
+                (name, b): LiteRTSession(bundle.graph_file(name, fmt, b), threads)
+                for name in ("device_head", "device_tail")
+                for b in self.buckets
+            }
+
+    def run_head(self, tokens: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Router logits [3] and the hidden state at depth r, trimmed to the real tokens [S, H]."""
+        length = tokens["input_ids"].shape[1]
+        inputs = [tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"]]
+        if self.buckets is None:
+            router_logits, hidden = self.head.run(inputs)
+        else:
+            from device_runtime.litert_backend import bucket_for, pad_to
+
+            self._bucket = bucket_for(length, self.buckets)
+            inputs = [pad_to(x, self._bucket) for x in inputs]
+            router_logits, hidden = self.sessions[("device_head", self._bucket)].run(inputs)
+        return router_logits[0], hidden[0, :length]
+
+    def run_tail(self, hidden_r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Hidden state at depth d [S, H] and the device exit's logits [K]."""
+        length = hidden_r.shape[0]
+        mask = np.ones((1, length), dtype=np.int64)
+        if self.buckets is None:
+            hidden, logits = self.tail.run([hidden_r[None], mask])
+        else:
+            from device_runtime.litert_backend import pad_to
+
+            session = self.sessions[("device_tail", self._bucket)]
+            hidden, logits = session.run([pad_to(hidden_r[None], self._bucket), pad_to(mask, self._bucket)])
+        return hidden[0, :length], logits[0]
+
+
+class _Tier:
+    """A gRPC client for the edge or the cloud, with a short memory of failures."""
+
+    def __init__(self, address: str, service: str, max_message_bytes: int, retry_after_s: float) -> None:
+        import grpc
+
+        from protos import tiers_pb2_grpc
+
+        self.address = address
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self.channel = grpc.insecure_channel(address, options=options)
+        stub_class = tiers_pb2_grpc.EdgeTierStub if service == "edge" else tiers_pb2_grpc.CloudTierStub
+        self.stub = stub_class(self.channel)
+        self.retry_after_s = retry_after_s
+        self.down_until = 0.0
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def infer(self, request, timeout_s: float):
+        try:
+            reply = self.stub.Infer(request, timeout=timeout_s)
+        except Exception:
+            self.down_until = time.monotonic() + self.retry_after_s
+            raise
+        return reply
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class DeviceRuntime:
+    """Run a bundle on the device, offloading to an edge and a cloud server as the policy says.
+
+    ``backend``: "onnxruntime" or "litert"; ``fmt`` picks the graph format (default: int8 of that backend
+    when the bundle has it). ``edge``/``cloud``: "host:port" or None (that tier is absent).
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path | Bundle,
+        edge: str | None = None,
+        cloud: str | None = None,
+        backend: str = "onnxruntime",
+        fmt: str | None = None,
+        threads: int | None = None,
+        timeout_s: float = 2.0,
+        encoding: str = "fp16",
+        max_message_bytes: int = 16 << 20,
+        retry_after_s: float = 5.0,
+    ) -> None:
+        from protos.codec import ENCODINGS
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        m = self.bundle.manifest
+        if backend not in ("onnxruntime", "litert"):
+            raise ValueError(f"backend must be 'onnxruntime' or 'litert', got {backend!r}")
+        formats = m["formats"]
+        if fmt is None:
+            preferred = (ONNX_INT8, ONNX_FP32) if backend == "onnxruntime" else (TFLITE_INT8, TFLITE_FP32)
+            fmt = next((f for f in preferred if f in formats), None)
+            if fmt is None:
+                raise ValueError(f"bundle has no {backend} graphs (formats: {sorted(formats)})")
+        elif fmt not in formats:
+            raise ValueError(f"bundle has no {fmt} graphs (formats: {sorted(formats)})")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
+        self.encoding = ENCODINGS[encoding]
+        self.fmt = fmt
+        self.graphs = _DeviceGraphs(self.bundle, fmt, threads)
+        self.tokenizer = load_tokenizer(self.bundle.path(m["tokenizer"]), m["model"]["max_length"])
+        self.policy = Policy.from_dict(m["policy"])
+        self.split = SplitPoints(**{k: m["split_points"][k] for k in ("router_depth", "device", "edge", "total")})
+        self.costs = CostProfile(**m["cost_profile"]).tier_costs(self.split)
+        self.all_cloud_cost = CostProfile(**m["cost_profile"]).all_cloud_cost(self.split)
+        self.labels = m["model"]["labels"]
+        self.timeout_s = timeout_s
+        self.edge = _Tier(edge, "edge", max_message_bytes, retry_after_s) if edge else None
+        self.cloud = _Tier(cloud, "cloud", max_message_bytes, retry_after_s) if cloud else None
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def _request(self, depth: int, hidden: np.ndarray | None = None, tokens: dict | None = None):
+        from protos import tiers_pb2 as pb
+        from protos.codec import PROTOCOL_VERSION, encode_tensor
+
+        request = pb.InferRequest(
+            request_id=uuid.uuid4().hex,
+            bundle_id=self.bundle.bundle_id,
+            protocol_version=PROTOCOL_VERSION,
+            depth=depth,
+        )
+        if hidden is not None:
+            request.hidden.CopyFrom(encode_tensor(hidden, self.encoding))
+        else:
+            request.input_ids.CopyFrom(encode_tensor(tokens["input_ids"][0], pb.INT32))
+            request.token_type_ids.CopyFrom(encode_tensor(tokens["token_type_ids"][0], pb.INT32))
+        return request
+
+    def _send(self, tier: _Tier | None, request, result: dict) -> object | None:
+        """One call; None (and the error noted) when the tier is absent, known down, or fails."""
+        if tier is None:
+            return None
+        if not tier.available:
+            result["errors"].append(f"{tier.address} skipped: failed less than {tier.retry_after_s:.0f} s ago")
+            return None
+        size = request.ByteSize()
+        try:
+            reply = tier.infer(request, self.timeout_s)
+        except Exception as exc:  # grpc.RpcError mostly; any failure means: try the next tier
+            code = getattr(exc, "code", lambda: None)()
+            result["errors"].append(f"{tier.address}: {getattr(code, 'name', type(exc).__name__)}")
+            result["bytes_sent"] += size  # it left the device all the same
+            return None
+        result["bytes_sent"] += size
+        return reply
+
+    def _cloud_direct(self, hidden_r: np.ndarray, tokens: dict, result: dict):
+        r = self.split.router_depth
+        request = self._request(r, hidden=hidden_r) if r > 0 else self._request(0, tokens=tokens)
+        return self._send(self.cloud, request, result)
+
+    # -- one input ------------------------------------------------------------------------------------------
+
+    def _predict_one(self, encoded: tuple[list[int], list[int]]) -> Prediction:
+        started = time.perf_counter()
+        result = {"errors": [], "bytes_sent": 0}
+        tokens = pad_batch([encoded])
+        router_logits, hidden_r = self.graphs.run_head(tokens)
+        router = _softmax(router_logits)
+        device_ms = 0.0
+        reply, route, wanted = None, None, None
+        device_logits = None
+
+        if router[HARD] >= self.policy.hard_margin:
+            wanted = TIER_CLOUD_DIRECT
+            device_ms = 1000 * (time.perf_counter() - started)
+            reply = self._cloud_direct(hidden_r, tokens, result)
+            if reply is not None:
+                route = TIER_CLOUD_DIRECT
+        if route is None:
+            tail_started = time.perf_counter()
+            hidden_d, device_logits = self.graphs.run_tail(hidden_r)
+            device_ms += 1000 * (time.perf_counter() - (tail_started if wanted is not None else started))
+            confident = _softmax(device_logits).max() >= self.policy.alpha_device
+            skip = router[MEDIUM] >= self.policy.medium_margin
+            if wanted is None and confident and not skip:
+                route = wanted = TIER_DEVICE
+            else:
+                wanted = wanted if wanted is not None else TIER_EDGE
+                reply = self._send(self.edge, self._request(self.split.device, hidden=hidden_d), result)
+                if reply is not None:
+                    route = TIER_EDGE if reply.tier == 2 else TIER_CLOUD_VIA_EDGE
+                elif wanted != TIER_CLOUD_DIRECT:  # edge down: the cloud from depth r (or tokens)
+                    reply = self._cloud_direct(hidden_r, tokens, result)
+                    if reply is not None:
+                        route = TIER_CLOUD_DIRECT
+                if reply is None:
+                    route = TIER_DEVICE
+
+        if reply is not None:
+            probabilities = np.asarray(reply.probabilities, dtype=np.float32)
+            tier, exit_depth = TIER_LABELS[reply.tier], reply.exit_depth
+            tier_ms = {TIER_LABELS[t.tier]: t.compute_ms + t.queue_ms for t in reply.timings}
+            degraded = reply.degraded
+        else:
+            probabilities = _softmax(device_logits)
+            tier, exit_depth, tier_ms = "device", self.split.device, {}
+            degraded = wanted != TIER_DEVICE
+        tier_ms["device"] = device_ms
+        label_id = int(probabilities.argmax())
+        return Prediction(
+            label=self.labels[label_id],
+            label_id=label_id,
+            score=float(probabilities[label_id]),
+            probabilities=probabilities.tolist(),
+            tier=tier,
+            route=TIER_NAMES[route],
+            exit_depth=int(exit_depth),
+            degraded=bool(degraded),
+            latency_ms=1000 * (time.perf_counter() - started),
+            bytes_sent=result["bytes_sent"],
+            cost=float(self.costs[route]),
+            tier_ms=tier_ms,
+            errors=result["errors"],
+        )
+
+    def predict(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None) -> list[Prediction]:
+        """One answer per input, in order."""
+        return [self._predict_one(e) for e in encode(self.tokenizer, texts, text_pairs)]
+
+    def predict_all_cloud(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None) -> list[Prediction]:
+        """The baseline: every input's tokens to the cloud's full model, nothing computed on the device."""
+        if self.cloud is None:
+            raise ValueError("all-cloud mode needs a cloud address")
+        out = []
+        for encoded in encode(self.tokenizer, texts, text_pairs):
+            started = time.perf_counter()
+            result = {"errors": [], "bytes_sent": 0}
+            reply = self._send(self.cloud, self._request(0, tokens=pad_batch([encoded])), result)
+            if reply is None:
+                raise ConnectionError(f"all-cloud: the cloud at {self.cloud.address} failed: {result['errors']}")
+            probabilities = np.asarray(reply.probabilities, dtype=np.float32)
+            label_id = int(probabilities.argmax())
+            out.append(
+                Prediction(
+                    label=self.labels[label_id],
+                    label_id=label_id,
+                    score=float(probabilities[label_id]),
+                    probabilities=probabilities.tolist(),
+                    tier="cloud",
+                    route="all_cloud",
+                    exit_depth=int(reply.exit_depth),
+                    degraded=False,
+                    latency_ms=1000 * (time.perf_counter() - started),
+                    bytes_sent=result["bytes_sent"],
+                    cost=self.all_cloud_cost,
+                    tier_ms={TIER_LABELS[t.tier]: t.compute_ms + t.queue_ms for t in reply.timings},
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        for tier in (self.edge, self.cloud):
+            if tier is not None:
+                tier.close()
+
+    def __enter__(self) -> DeviceRuntime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["DeviceRuntime", "Prediction"]

@@ -1,0 +1,211 @@
+"""The edge tier: runs layers d+1..e, answers from the edge exit when confident, else forwards to the cloud.
+
+If the cloud cannot answer (unreachable, an error, no time left) the edge exit answers anyway, marked
+``degraded``: a slightly less accurate answer beats none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+
+import grpc
+import numpy as np
+
+from cloud_server.tier import (
+    RequestError,
+    ServerConfig,
+    TierMetrics,
+    TierServer,
+    TierServicer,
+    add_common_arguments,
+    check_envelope,
+    config_from_args,
+    configure_logging,
+    decode_hidden,
+    grpc_options,
+    log_event,
+    parse_alpha,
+    reply_from_logits,
+    run_until_signal,
+    short_id,
+    softmax,
+    time_left,
+)
+from device_runtime.bundle import Bundle, BundleError, load_bundle
+from device_runtime.policy import Policy
+from protos import tiers_pb2 as pb
+from protos import tiers_pb2_grpc as pb_grpc
+from protos.codec import ENCODINGS, encode_tensor
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeTier"].full_name
+DEFAULT_PORT = 50051
+DEFAULT_FORWARD_TIMEOUT_S = 10.0  # when the client set no deadline
+# Keep part of the client's remaining time for answering from the edge exit if the cloud is too slow.
+_RESERVE_FRACTION, _RESERVE_MAX_S = 0.2, 0.05
+
+
+class EdgeServicer(TierServicer, pb_grpc.EdgeTierServicer):
+    tier = pb.EDGE
+    tier_name = "edge"
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        config: ServerConfig,
+        cloud_address: str,
+        alpha_edge: float | None = None,
+        forward_encoding: str = "fp16",
+        forward_timeout_s: float = DEFAULT_FORWARD_TIMEOUT_S,
+    ) -> None:
+        super().__init__(bundle, config, TierMetrics(self.tier_name, forwarding=True))
+        if forward_encoding not in ENCODINGS:
+            raise ValueError(f"forward encoding must be one of {sorted(ENCODINGS)}, got {forward_encoding!r}")
+        policy_alpha = Policy.from_dict(bundle.manifest["policy"]).alpha_edge
+        self.alpha_edge = policy_alpha if alpha_edge is None else alpha_edge
+        self.forward_encoding = ENCODINGS[forward_encoding]
+        self.forward_timeout_s = forward_timeout_s
+        self.cloud_address = cloud_address
+        # a short reconnect back-off so the edge notices a restarted cloud within seconds
+        options = [*grpc_options(config.max_message_bytes), ("grpc.max_reconnect_backoff_ms", 5000)]
+        self._channel = grpc.insecure_channel(cloud_address, options=options)
+        self._cloud = pb_grpc.CloudTierStub(self._channel)
+        try:
+            self.add_graph("edge", "hidden")
+        except Exception:
+            self.close()
+            raise
+
+    def infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:
+        check_envelope(request, self.bundle.bundle_id, {self.split["device"]}, self.tier_name)
+        if not request.HasField("hidden") or request.HasField("input_ids"):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the edge takes hidden (and no input_ids)")
+        hidden = decode_hidden(request.hidden, self.hidden_size, self.max_length)
+        result = self.run_graph("edge", (hidden,), context)
+        hidden_out, logits = result.outputs
+        timing = self.timing(result)
+        if float(softmax(logits).max()) >= self.alpha_edge:
+            return reply_from_logits(request, logits, pb.EDGE, self.split["edge"], timing)
+        reply = self._forward(request, hidden_out, timing, context)
+        if reply is None:
+            return reply_from_logits(request, logits, pb.EDGE, self.split["edge"], timing, degraded=True)
+        return reply
+
+    def _forward(
+        self,
+        request: pb.InferRequest,
+        hidden_out: np.ndarray,
+        timing: pb.TierTiming,
+        context: grpc.ServicerContext,
+    ) -> pb.InferReply | None:
+        """The cloud's reply, or None (logged and counted) when it cannot give one in time."""
+        self.metrics.forwarded.labels(self.tier_name).inc()
+        timeout = self._forward_timeout(time_left(context))
+        failure = "no time left for the cloud"
+        if timeout > 0:
+            onward = pb.InferRequest(
+                request_id=request.request_id,
+                bundle_id=request.bundle_id,
+                protocol_version=request.protocol_version,
+                depth=self.split["edge"],
+                hidden=encode_tensor(hidden_out, self.forward_encoding),
+                timings=[*request.timings, timing],
+            )
+            try:
+                return self._cloud.Infer(onward, timeout=timeout)
+            except grpc.RpcError as exc:
+                failure = f"{exc.code().name}: {exc.details()}"
+        self.metrics.degraded.labels(self.tier_name).inc()
+        log_event(
+            logging.WARNING,
+            "forward_failed",
+            tier=self.tier_name,
+            request_id=short_id(request.request_id),
+            cloud=self.cloud_address,
+            reason=failure[:300],
+        )
+        return None
+
+    def _forward_timeout(self, remaining: float | None) -> float:
+        if remaining is None:
+            return self.forward_timeout_s
+        return min(self.forward_timeout_s, remaining - min(_RESERVE_MAX_S, _RESERVE_FRACTION * remaining))
+
+    def close(self) -> None:
+        super().close()
+        self._channel.close()
+
+
+def build_edge_server(
+    config: ServerConfig,
+    cloud_address: str,
+    alpha_edge: float | None = None,
+    forward_encoding: str = "fp16",
+    forward_timeout_s: float = DEFAULT_FORWARD_TIMEOUT_S,
+    bundle: Bundle | None = None,
+) -> TierServer:
+    """Load the bundle (verified) and the edge graph, bind the port; call ``.start()`` to serve.
+
+    ``alpha_edge`` overrides the bundle policy's threshold (0 = always answer here, inf = always forward).
+    """
+    bundle = bundle or load_bundle(config.bundle)
+    servicer = EdgeServicer(bundle, config, cloud_address, alpha_edge, forward_encoding, forward_timeout_s)
+    return TierServer(config, servicer, pb_grpc.add_EdgeTierServicer_to_server, SERVICE_NAME)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``cartosplit serve-edge``."""
+    add_common_arguments(parser, DEFAULT_PORT)
+    parser.add_argument("--cloud", required=True, metavar="HOST:PORT", help="address of the cloud tier")
+    parser.add_argument(
+        "--alpha-edge",
+        type=parse_alpha,
+        default=None,
+        help="answer at the edge when its max-softmax >= this (default: the bundle's calibrated policy; "
+        "0 = always, inf = never)",
+    )
+    parser.add_argument(
+        "--forward-encoding",
+        choices=sorted(ENCODINGS),
+        default="fp16",
+        help="how the hidden state travels to the cloud (default fp16: half the bytes, ~1e-3 relative error)",
+    )
+    parser.add_argument(
+        "--forward-timeout-s",
+        type=float,
+        default=DEFAULT_FORWARD_TIMEOUT_S,
+        help="cloud timeout when the client set no deadline (default 10 s)",
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``cartosplit serve-edge``: serve until SIGTERM/SIGINT; prints one ready line to stdout."""
+    configure_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+        server = build_edge_server(config, args.cloud, args.alpha_edge, args.forward_encoding, args.forward_timeout_s)
+    except (BundleError, OSError, ValueError) as exc:
+        print(f"cartosplit serve-edge: {exc}", file=sys.stderr)
+        return 2
+    alpha = server.servicer.alpha_edge
+    log_event(
+        logging.INFO,
+        "edge_config",
+        cloud=args.cloud,
+        alpha_edge="inf" if math.isinf(alpha) else alpha,
+        alpha_source="policy" if args.alpha_edge is None else "--alpha-edge",
+        forward_encoding=args.forward_encoding,
+    )
+    return run_until_signal(server, f"edge serving {config.bundle} on {server.address}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cartosplit-edge", description="Serve the edge tier of a bundle.")
+    add_arguments(parser)
+    return serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
