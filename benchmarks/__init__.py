@@ -1,1 +1,1 @@
-"""Placeholder: filled by a later issue (see README roadmap)."""
+"""Reproducible measurements; each writes its results, command and machine under benchmarks/results/."""

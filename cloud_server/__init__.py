@@ -1,1 +1,1 @@
-"""Placeholder: filled by a later issue (see README roadmap)."""
+"""The cloud tier: a gRPC server running the rest of the model from any entry depth (and the shared tier machinery)."""

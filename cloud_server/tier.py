@@ -150,55 +150,31 @@ def check_envelope(request: pb.InferRequest, bundle_id: str, depths: Collection[
         )
 
 
-def _encoding_name(encoding: int) -> str:
-    # an unknown enum value is kept as a bare int by proto3 and has no name
-    return pb.Encoding.Name(encoding) if encoding in pb.Encoding.values() else str(encoding)
-
-
-def _check_layout(tensor: pb.Tensor, name: str, allowed: Sequence[int], limits: Sequence[tuple[int, int]]) -> None:
-    """Encoding and shape bounds, checked before decoding.
-
-    decode_tensor checks these too, but an unknown encoding or a shape whose element count overflows int64
-    would surface from it as a plain ValueError; checking bounds first keeps every malformed tensor an
-    INVALID_ARGUMENT with a readable message.
-    """
-    if tensor.encoding not in allowed:
-        names = [pb.Encoding.Name(e) for e in allowed]
-        raise TensorError(f"{name}: encoding {_encoding_name(tensor.encoding)} not accepted here (use {names})")
-    shape = list(tensor.shape)
-    if len(shape) != len(limits):
-        # a hostile shape can hold millions of dims: never echo it whole into status details and logs
-        shown = shape if len(shape) <= 8 else f"of rank {len(shape)}"
-        raise TensorError(f"{name}: expected rank {len(limits)}, got shape {shown}")
-    for axis, (size, (low, high)) in enumerate(zip(shape, limits, strict=True)):
+def _check_dims(values: np.ndarray, name: str, limits: Sequence[tuple[int, int]]) -> None:
+    """Each dimension within its bounds (the codec has checked rank, encoding, bytes and finiteness)."""
+    for axis, (size, (low, high)) in enumerate(zip(values.shape, limits, strict=True)):
         if not low <= size <= high:
             bound = f"{low}" if low == high else f"in [{low}, {high}]"
-            raise TensorError(f"{name}: dimension {axis} is {size}, must be {bound} (shape {shape})")
+            raise TensorError(f"{name}: dimension {axis} is {size}, must be {bound} (shape {list(values.shape)})")
 
 
 def decode_hidden(tensor: pb.Tensor, hidden_size: int, max_length: int) -> np.ndarray:
     """An [S, H] hidden state as float32, 1 <= S <= max_length; FP32, FP16 or INT8 on the wire."""
-    _check_layout(tensor, "hidden", _FLOAT_ENCODINGS, [(1, max_length), (hidden_size, hidden_size)])
-    with np.errstate(over="ignore"):  # caught just below, no warning per request
-        values = decode_tensor(tensor, "hidden", 2, _FLOAT_ENCODINGS, max_length * hidden_size)
-    # INT8 with a huge scale can overflow float32 after dequantisation, which decode_tensor does not check
-    if not np.isfinite(values).all():
-        raise TensorError("hidden: contains NaN or infinity after decoding")
+    values = decode_tensor(tensor, "hidden", 2, _FLOAT_ENCODINGS, max_length * hidden_size)
+    _check_dims(values, "hidden", [(1, max_length), (hidden_size, hidden_size)])
     return values
 
 
 def decode_tokens(request: pb.InferRequest, vocab_size: int, max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """input_ids [S] in [0, vocab_size) and token_type_ids [S] in {0, 1} (zeros when absent), as int64."""
-    limits = [(1, max_length)]
-    _check_layout(request.input_ids, "input_ids", _INT_ENCODINGS, limits)
     ids = decode_tensor(request.input_ids, "input_ids", 1, _INT_ENCODINGS, max_length)
     outside = int(((ids < 0) | (ids >= vocab_size)).sum())
     if outside:  # the count, not the ids: error messages end up in logs, and ids are the user's text
         raise TensorError(f"input_ids: {outside} ids outside [0, {vocab_size})")
     if not request.HasField("token_type_ids"):
         return ids, np.zeros_like(ids)
-    _check_layout(request.token_type_ids, "token_type_ids", _INT_ENCODINGS, [(len(ids), len(ids))])
     types = decode_tensor(request.token_type_ids, "token_type_ids", 1, _INT_ENCODINGS, max_length)
+    _check_dims(types, "token_type_ids", [(len(ids), len(ids))])
     if not np.isin(types, (0, 1)).all():
         raise TensorError("token_type_ids: values must be 0 or 1")
     return ids, types

@@ -1,1 +1,1 @@
-"""Placeholder: filled by a later issue (see README roadmap)."""
+"""The edge tier: a gRPC server running the edge slice and its exit, forwarding the unsure to the cloud."""

@@ -68,7 +68,9 @@ def decode_tensor(
         raise TensorError(f"{name}: encoding {encoding_name(tensor.encoding)} not accepted here (use {names})")
     shape = tuple(int(s) for s in tensor.shape)
     if len(shape) != rank:
-        raise TensorError(f"{name}: expected rank {rank}, got shape {list(shape)}")
+        # a hostile shape can hold millions of dims: never echo it whole into status details and logs
+        shown = list(shape) if len(shape) <= 8 else f"of rank {len(shape)}"
+        raise TensorError(f"{name}: expected rank {rank}, got shape {shown}")
     if any(s < 1 for s in shape):
         raise TensorError(f"{name}: every dimension must be >= 1, got shape {list(shape)}")
     count = math.prod(shape)  # Python ints: a crafted shape cannot wrap around as int64 would
