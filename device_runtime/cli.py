@@ -172,6 +172,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _MissingServerExtra:
+    """Stands in for the server modules on an install without the `server` extra (a phone, a board)."""
+
+    def __init__(self, error: ImportError) -> None:
+        self.error = error
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.set_defaults(accepts_any_arguments=True)  # whatever was given, the answer is the install hint
+
+    def serve(self, args: argparse.Namespace) -> int:
+        raise SystemExit(
+            f"cartosplit {args.command} needs the server extra ({self.error}): pip install 'cartosplit[server]'"
+        )
+
+
 def _csv(kind):
     def parse(text: str) -> tuple:
         try:
@@ -350,8 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle folder")
     p.set_defaults(func=cmd_inspect, needs_export=False)
 
-    from cloud_server import server as cloud_server
-    from edge_server import server as edge_server
+    try:  # the servers need the `server` extra (prometheus-client, grpc health/reflection); a device has not
+        from cloud_server import server as cloud_server
+        from edge_server import server as edge_server
+    except ImportError as exc:
+        cloud_server = edge_server = _MissingServerExtra(exc)
 
     p = sub.add_parser(
         "serve-cloud",
@@ -419,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "needs_export", False):
         _need_export_extra(args.command)
     try:

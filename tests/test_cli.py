@@ -32,6 +32,14 @@ def test_help_and_clear_error_without_torch():
     assert "needs torch and transformers" in done.stderr and "pip install torch==2.13.0" in done.stderr
 
 
+def test_a_device_install_without_the_server_extra_still_runs_the_cli():
+    blocked = "sys.modules['prometheus_client'] = None; sys.modules['grpc_health'] = None; "
+    done = _run_python(NO_TORCH + blocked + "from device_runtime.cli import main; main(['run', '--help'])")
+    assert done.returncode == 0 and "--bundle" in done.stdout
+    done = _run_python(NO_TORCH + blocked + "from device_runtime.cli import main; main(['serve-edge', '--port', '1'])")
+    assert done.returncode != 0 and "pip install 'cartosplit[server]'" in done.stderr
+
+
 def _tiny_args(tiny_model, synthetic_files, out):
     return [
         "--model", str(tiny_model), "--train-file", str(synthetic_files[0]), "--dev-file", str(synthetic_files[1]),
