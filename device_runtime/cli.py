@@ -225,30 +225,45 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_inputs(source) -> tuple[list[str], list[str] | None]:
-    """Text lines, or JSON Lines with "text" (and optional "text_pair"), detected per file."""
-    texts, pairs = [], []
-    for number, line in enumerate(source, 1):
-        line = line.rstrip("\n")
+def _read_inputs(source, max_chars: int):
+    """(index, text, text_pair, error) per non-blank input line: text lines or JSON Lines, per line.
+
+    A bad line (not UTF-8, invalid JSON, no "text", empty or oversize text) gets its error and the
+    rest goes on: one unreadable line never costs the others their answers.
+    """
+    index = 0
+    for number, raw in enumerate(source, 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            yield index, None, None, f"line {number}: not UTF-8 ({exc.reason} at byte {exc.start})"
+            index += 1
+            continue
         if not line.strip():
             continue
+        text, pair, error = line, None, None
         if line.lstrip().startswith("{"):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"input line {number}: invalid JSON ({exc})") from None
-            if not isinstance(record.get("text"), str):
-                raise ValueError(f'input line {number}: a JSON line needs a "text" string')
-            texts.append(record["text"])
-            pairs.append(record.get("text_pair"))
-        else:
-            texts.append(line)
-            pairs.append(None)
-    if any(p is not None for p in pairs):
-        if any(p is None for p in pairs):
-            raise ValueError('either every input line has a "text_pair" or none does')
-        return texts, pairs
-    return texts, None
+                record, error = {}, f"line {number}: invalid JSON ({exc.msg} at column {exc.colno})"
+            text, pair = record.get("text"), record.get("text_pair")
+            if error is None and not isinstance(text, str):
+                error = f'line {number}: a JSON line needs a "text" string'
+            elif error is None and pair is not None and not isinstance(pair, str):
+                error = f'line {number}: "text_pair" must be a string'
+        if error is None:
+            error = _check_text(text, number, max_chars) or (pair is not None and _check_text(pair, number, max_chars))
+        yield index, text, pair, error or None
+        index += 1
+
+
+def _check_text(text: str, number: int, max_chars: int) -> str | None:
+    if not text.strip():
+        return f"line {number}: empty text"
+    if len(text) > max_chars:
+        return f"line {number}: {len(text)} characters is over --max-chars {max_chars}"
+    return None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -265,18 +280,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         encoding=args.encoding,
     )
+    failed = total = 0
     with runtime:
-        source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")  # noqa: SIM115
-        with source:
-            texts, pairs = _read_inputs(source)
+        source = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
         sink = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
-        with sink:
+        with source, sink:
             # one input at a time, written as it is answered: a long stream shows progress and loses nothing
-            for i, text in enumerate(texts):
-                pair = None if pairs is None else [pairs[i]]
-                prediction = runtime.predict([text], pair)[0]
-                sink.write(json.dumps({"index": i, **prediction.to_dict()}) + "\n")
+            for index, text, pair, error in _read_inputs(source, args.max_chars):
+                total += 1
+                if error is None:
+                    row = runtime.predict([text], None if pair is None else [pair])[0].to_dict()
+                else:
+                    failed += 1
+                    row = {"error": error}
+                sink.write(json.dumps({"index": index, **row}) + "\n")
                 sink.flush()
+    if failed:
+        print(f"cartosplit run: {failed} of {total} inputs had errors (see their 'error' field)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -415,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, help="CPU threads for the device graphs")
     p.add_argument("--input", default="-", help="text or JSONL file (default: stdin)")
     p.add_argument("--output", default="-", help="JSONL output file (default: stdout)")
+    p.add_argument(
+        "--max-chars",
+        type=_positive_int,
+        default=100_000,
+        help="longer inputs are refused (their line gets an error); the model reads max-length tokens anyway",
+    )
     p.set_defaults(func=cmd_run, needs_export=False)
 
     p = sub.add_parser(

@@ -35,6 +35,8 @@ from device_runtime.policy import HARD, MEDIUM, Policy
 from device_runtime.text import encode, load_tokenizer, pad_batch
 
 TIER_LABELS = {0: "unspecified", 1: "device", 2: "edge", 3: "cloud"}
+# the model reads at most max_length tokens; a far longer text only costs tokenizer time and memory
+MAX_CHARS = 100_000
 
 
 @dataclass
@@ -303,8 +305,15 @@ class DeviceRuntime:
             errors=result["errors"],
         )
 
-    def predict(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None) -> list[Prediction]:
-        """One answer per input, in order."""
+    def predict(
+        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, max_chars: int = MAX_CHARS
+    ) -> list[Prediction]:
+        """One answer per input, in order. Empty or oversize texts are refused before any work starts."""
+        for i, text in enumerate(texts if text_pairs is None else [*texts, *text_pairs]):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"input {i % len(texts)}: empty text (or not a string)")
+            if len(text) > max_chars:
+                raise ValueError(f"input {i % len(texts)}: {len(text)} characters is over the limit of {max_chars}")
         return [self._predict_one(e) for e in encode(self.tokenizer, texts, text_pairs)]
 
     def predict_all_cloud(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None) -> list[Prediction]:

@@ -121,13 +121,36 @@ def test_run_command_streams_jsonl_without_torch(bundle, servers, tmp_path):
         assert {"latency_ms", "bytes_sent", "route", "degraded", "cost"} <= set(r)
 
 
-def test_run_command_reports_bad_input_clearly(bundle, tmp_path, capsys):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
-    assert main(["run", "--bundle", str(bundle), "--input", str(bad)]) == 2
-    assert 'line 2: a JSON line needs a "text" string' in capsys.readouterr().err
-    assert main(["run", "--bundle", str(tmp_path / "nope"), "--input", str(bad)]) == 2
+def test_run_command_answers_good_lines_and_reports_each_bad_one(bundle, tmp_path, capsys):
+    bad = tmp_path / "mixed.jsonl"
+    bad.write_bytes(
+        b'{"text": "fine film"}\n{"txt": "oops"}\n\xff\xfe not utf-8\n{"text": "   "}\n{broken\n'
+        + b"x" * 200
+        + b"\nthe plot was dull\n"
+    )
+    out = tmp_path / "out.jsonl"
+    args = ["run", "--bundle", str(bundle), "--input", str(bad), "--output", str(out), "--max-chars", "100"]
+    assert main(args) == 1  # some lines failed: a script must notice
+    assert "5 of 7 inputs had errors" in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(7))
+    errors = {r["index"]: r.get("error", "") for r in rows}
+    assert "label" in rows[0] and "label" in rows[6]
+    assert 'needs a "text" string' in errors[1] and "not UTF-8" in errors[2] and "empty text" in errors[3]
+    assert "invalid JSON" in errors[4] and "over --max-chars 100" in errors[5]
+
+
+def test_run_command_refuses_a_missing_bundle_before_reading_input(tmp_path, capsys):
+    assert main(["run", "--bundle", str(tmp_path / "nope"), "--input", str(tmp_path / "absent.txt")]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_predict_refuses_empty_and_oversize_texts(bundle):
+    with DeviceRuntime(bundle) as rt:
+        with pytest.raises(ValueError, match="input 1: empty text"):
+            rt.predict(["good", "  "])
+        with pytest.raises(ValueError, match="over the limit of 10"):
+            rt.predict(["a" * 11], max_chars=10)
 
 
 def test_demo_end_to_end_on_the_tiny_model_then_reuses_everything(tiny_model, synthetic_files, tmp_path, capsys):
