@@ -27,10 +27,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from cloud_server.replay import ReplyCache
 from device_runtime.bundle import Bundle
 from device_runtime.onnx_backend import OnnxSession
 from protos import tiers_pb2 as pb
 from protos.codec import PROTOCOL_VERSION, TensorError, decode_tensor
+from protos.security import ServerSecurity
 
 LOG = logging.getLogger("cartosplit.server")
 SERVER_FORMATS = ("onnx-int8", "onnx-fp32")
@@ -60,12 +62,15 @@ class ServerConfig:
     workers: int = 16  # grpc handler threads (and stream helper threads)
     metrics_port: int | None = None  # None = no HTTP endpoint; 0 = a free port (TierServer.metrics_port)
     grace_s: float = 5.0
+    security: ServerSecurity | None = None  # TLS / mutual TLS / bearer token; None = plaintext, no auth
 
     def __post_init__(self) -> None:
         if self.fmt not in SERVER_FORMATS:
             raise ValueError(f"format {self.fmt!r} cannot be served; use one of {SERVER_FORMATS}")
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.workers < 1 or self.max_message_bytes < 1:
             raise ValueError("max_batch, workers and max_message_bytes must be >= 1 and max_wait_ms >= 0")
+        if self.security is not None:
+            self.security.check_host(self.host)  # a token without TLS: loopback only
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -395,6 +400,7 @@ class TierServicer:
         self.max_length = int(model["max_length"])
         self.split = bundle.split_points
         self.batchers: dict[str, Batcher] = {}
+        self.replies = ReplyCache()  # a retried request (same id and payload) is answered, not recomputed
         # streams hand each request to this pool so that one stream can fill a batch
         self._stream_pool = concurrent.futures.ThreadPoolExecutor(
             config.workers, thread_name_prefix=f"{self.tier_name}-stream"
@@ -444,9 +450,11 @@ class TierServicer:
         """Answer one request or say why not; never raises, so one bad request cannot hurt the server."""
         started = time.perf_counter()
         outcome: pb.InferReply | RequestError
+        key = self.replies.key(request)
         try:
             check_time(time_left(context))
-            outcome = self.infer(request, context)
+            outcome = self.replies.get(key) or self.infer(request, context)
+            self.replies.put(key, outcome)
         except RequestError as exc:
             outcome = exc
         except TensorError as exc:
@@ -588,18 +596,31 @@ class TierServer:
         self.health = health.HealthServicer()
         # so_reuseport off: a second server on a taken port must fail, not silently share it
         options = [*grpc_options(config.max_message_bytes), ("grpc.so_reuseport", 0)]
+        self.security = config.security or ServerSecurity()
+        try:  # the files are read now: a missing or wrong one stops the server before it listens
+            credentials = self.security.server_credentials()
+            interceptors = self.security.interceptors()
+        except ValueError:
+            servicer.close()
+            raise
         self._server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(config.workers, thread_name_prefix=f"{servicer.tier_name}-grpc"),
             options=options,
+            interceptors=interceptors,
         )
         add_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        address = format_address(config.host, config.port)
         try:
-            self.port = self._server.add_insecure_port(format_address(config.host, config.port))
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             servicer.close()
-            raise OSError(f"cannot listen on {format_address(config.host, config.port)}: {exc}") from None
+            hint = " (or the TLS certificate and key do not match)" if credentials is not None else ""
+            raise OSError(f"cannot listen on {address}{hint}: {exc}") from None
         self.host = config.host
         self.metrics_port: int | None = None
         self._metrics_http = None
@@ -625,7 +646,16 @@ class TierServer:
             bundle_id=self.servicer.bundle.bundle_id[:12],
             format=self.config.fmt,
             metrics_port=self.metrics_port,
+            security=self.security.mode,  # the mode only, never a secret
         )
+        if self.security.token_file is not None and not self.security.tls:
+            log_event(
+                logging.WARNING,
+                "token_without_tls",
+                tier=self.servicer.tier_name,
+                address=self.address,
+                detail="the bearer token travels in plaintext; allowed on loopback only, use --tls-cert/--tls-key",
+            )
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -675,6 +705,19 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--max-message-mb", type=float, default=16.0, help="largest message accepted (default 16)")
     parser.add_argument("--grace-s", type=float, default=5.0, help="time in-flight requests get on shutdown")
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain); needs --tls-key")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="mutual TLS: require client certificates signed by this CA (needs --tls-cert/--tls-key)",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="require 'authorization: Bearer <token>' on every call but health checks; the file holds the "
+        "token (a file, not the token itself, so it never shows in ps). Needs TLS unless --host is loopback",
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -691,7 +734,19 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         workers=args.workers,
         metrics_port=args.metrics_port,
         grace_s=args.grace_s,
+        security=security_from_args(args),
     )
+
+
+def security_from_args(args: argparse.Namespace) -> ServerSecurity | None:
+    """--tls-cert/--tls-key/--tls-client-ca/--token-file as a ServerSecurity; None when none is given."""
+    files = {
+        "cert_file": args.tls_cert,
+        "key_file": args.tls_key,
+        "client_ca_file": args.tls_client_ca,
+        "token_file": args.token_file,
+    }
+    return None if all(f is None for f in files.values()) else ServerSecurity(**files)
 
 
 def run_until_signal(server: TierServer, banner: str) -> int:

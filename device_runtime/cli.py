@@ -269,6 +269,11 @@ def _check_text(text: str, number: int, max_chars: int) -> str | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from device_runtime.runtime import DeviceRuntime
 
+    security = None
+    if any(v is not None for v in (args.ca, args.cert, args.key, args.token_file)):
+        from protos.security import ClientSecurity
+
+        security = ClientSecurity(ca_file=args.ca, cert_file=args.cert, key_file=args.key, token_file=args.token_file)
     # the bundle first: a wrong or tampered bundle is refused before any input is read
     runtime = DeviceRuntime(
         args.bundle,
@@ -279,6 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         threads=args.threads,
         timeout_s=args.timeout,
         encoding=args.encoding,
+        security=security,
     )
     failed = total = 0
     with runtime:
@@ -441,6 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=100_000,
         help="longer inputs are refused (their line gets an error); the model reads max-length tokens anyway",
+    )
+    p.add_argument("--ca", metavar="PEM", help="reach the edge and the cloud over TLS, trusting this CA")
+    p.add_argument("--cert", metavar="PEM", help="mutual TLS: this device's client certificate (needs --ca)")
+    p.add_argument("--key", metavar="PEM", help="the private key of --cert")
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="send the bearer token this file holds to the edge and the cloud (needs --ca: never in plaintext)",
     )
     p.set_defaults(func=cmd_run, needs_export=False)
 

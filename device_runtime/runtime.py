@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from device_runtime.costs import (
 )
 from device_runtime.policy import HARD, MEDIUM, Policy
 from device_runtime.text import encode, load_tokenizer, pad_batch
+
+if TYPE_CHECKING:  # grpc is only needed once a tier is configured
+    from protos.security import ClientSecurity
 
 TIER_LABELS = {0: "unspecified", 1: "device", 2: "edge", 3: "cloud"}
 # the model reads at most max_length tokens; a far longer text only costs tokenizer time and memory
@@ -117,7 +121,14 @@ class _DeviceGraphs:
 class _Tier:
     """A gRPC client for the edge or the cloud, with a short memory of failures."""
 
-    def __init__(self, address: str, service: str, max_message_bytes: int, retry_after_s: float) -> None:
+    def __init__(
+        self,
+        address: str,
+        service: str,
+        max_message_bytes: int,
+        retry_after_s: float,
+        security: ClientSecurity | None = None,
+    ) -> None:
         import grpc
 
         from protos import tiers_pb2_grpc
@@ -127,7 +138,10 @@ class _Tier:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self.channel = grpc.insecure_channel(address, options=options)
+        if security is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:  # TLS / mutual TLS / bearer token; ValueError for an unreadable file or a plaintext token
+            self.channel = security.channel(address, options=options)
         stub_class = tiers_pb2_grpc.EdgeTierStub if service == "edge" else tiers_pb2_grpc.CloudTierStub
         self.stub = stub_class(self.channel)
         self.retry_after_s = retry_after_s
@@ -138,12 +152,23 @@ class _Tier:
         return time.monotonic() >= self.down_until
 
     def infer(self, request, timeout_s: float):
-        try:
-            reply = self.stub.Infer(request, timeout=timeout_s)
-        except Exception:
-            self.down_until = time.monotonic() + self.retry_after_s
-            raise
-        return reply
+        """One call within ``timeout_s``, retried at most once, and only when the connection failed
+        (UNAVAILABLE: the server never saw it). The retry resends the same request id, which the
+        servers answer from their reply cache, so it is idempotent. A deadline is not retried here:
+        a slow or frozen tier is left for the next one."""
+        import grpc
+
+        deadline = time.monotonic() + timeout_s
+        for attempt in range(2):
+            try:
+                return self.stub.Infer(request, timeout=max(deadline - time.monotonic(), 0.001))
+            except grpc.RpcError as exc:
+                again = attempt == 0 and exc.code() == grpc.StatusCode.UNAVAILABLE
+                if not again or deadline - time.monotonic() < 0.1:
+                    self.down_until = time.monotonic() + self.retry_after_s
+                    raise
+                time.sleep(0.05)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def close(self) -> None:
         self.channel.close()
@@ -154,6 +179,8 @@ class DeviceRuntime:
 
     ``backend``: "onnxruntime" or "litert"; ``fmt`` picks the graph format (default: int8 of that backend
     when the bundle has it). ``edge``/``cloud``: "host:port" or None (that tier is absent).
+    ``security``: TLS (CA), client certificate and bearer token for both links, edge and cloud alike: one
+    deployment, one CA and one token (the cloud accepts a single token, from the edge and the device both).
     """
 
     def __init__(
@@ -168,6 +195,7 @@ class DeviceRuntime:
         encoding: str = "fp16",
         max_message_bytes: int = 16 << 20,
         retry_after_s: float = 5.0,
+        security: ClientSecurity | None = None,
     ) -> None:
         from protos.codec import ENCODINGS
 
@@ -195,8 +223,8 @@ class DeviceRuntime:
         self.all_cloud_cost = CostProfile(**m["cost_profile"]).all_cloud_cost(self.split)
         self.labels = m["model"]["labels"]
         self.timeout_s = timeout_s
-        self.edge = _Tier(edge, "edge", max_message_bytes, retry_after_s) if edge else None
-        self.cloud = _Tier(cloud, "cloud", max_message_bytes, retry_after_s) if cloud else None
+        self.edge = _Tier(edge, "edge", max_message_bytes, retry_after_s, security) if edge else None
+        self.cloud = _Tier(cloud, "cloud", max_message_bytes, retry_after_s, security) if cloud else None
 
     # -- requests -------------------------------------------------------------------------------------------
 

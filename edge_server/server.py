@@ -39,6 +39,7 @@ from device_runtime.policy import Policy
 from protos import tiers_pb2 as pb
 from protos import tiers_pb2_grpc as pb_grpc
 from protos.codec import ENCODINGS, encode_tensor
+from protos.security import ClientSecurity
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeTier"].full_name
 DEFAULT_PORT = 50051
@@ -59,6 +60,7 @@ class EdgeServicer(TierServicer, pb_grpc.EdgeTierServicer):
         alpha_edge: float | None = None,
         forward_encoding: str = "fp16",
         forward_timeout_s: float = DEFAULT_FORWARD_TIMEOUT_S,
+        cloud_security: ClientSecurity | None = None,
     ) -> None:
         super().__init__(bundle, config, TierMetrics(self.tier_name, forwarding=True))
         if forward_encoding not in ENCODINGS:
@@ -70,7 +72,12 @@ class EdgeServicer(TierServicer, pb_grpc.EdgeTierServicer):
         self.cloud_address = cloud_address
         # a short reconnect back-off so the edge notices a restarted cloud within seconds
         options = [*grpc_options(config.max_message_bytes), ("grpc.max_reconnect_backoff_ms", 5000)]
-        self._channel = grpc.insecure_channel(cloud_address, options=options)
+        self.cloud_security = cloud_security or ClientSecurity()  # TLS / mTLS / token towards the cloud
+        try:
+            self._channel = self.cloud_security.channel(cloud_address, options=options)
+        except ValueError:  # an unreadable file, or a token that would go out in plaintext
+            super().close()
+            raise
         self._cloud = pb_grpc.CloudTierStub(self._channel)
         try:
             self.add_graph("edge", "hidden")
@@ -145,13 +152,17 @@ def build_edge_server(
     forward_encoding: str = "fp16",
     forward_timeout_s: float = DEFAULT_FORWARD_TIMEOUT_S,
     bundle: Bundle | None = None,
+    cloud_security: ClientSecurity | None = None,
 ) -> TierServer:
     """Load the bundle (verified) and the edge graph, bind the port; call ``.start()`` to serve.
 
     ``alpha_edge`` overrides the bundle policy's threshold (0 = always answer here, inf = always forward).
+    ``cloud_security``: TLS, client certificate and token for the link to the cloud (None = plaintext).
     """
     bundle = bundle or load_bundle(config.bundle)
-    servicer = EdgeServicer(bundle, config, cloud_address, alpha_edge, forward_encoding, forward_timeout_s)
+    servicer = EdgeServicer(
+        bundle, config, cloud_address, alpha_edge, forward_encoding, forward_timeout_s, cloud_security
+    )
     return TierServer(config, servicer, pb_grpc.add_EdgeTierServicer_to_server, SERVICE_NAME)
 
 
@@ -178,6 +189,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_FORWARD_TIMEOUT_S,
         help="cloud timeout when the client set no deadline (default 10 s)",
     )
+    parser.add_argument("--cloud-ca", metavar="PEM", help="reach the cloud over TLS, trusting this CA")
+    parser.add_argument("--cloud-cert", metavar="PEM", help="mutual TLS: this edge's client certificate")
+    parser.add_argument("--cloud-key", metavar="PEM", help="the private key of --cloud-cert")
+    parser.add_argument(
+        "--cloud-token-file", metavar="FILE", help="send the token this file holds to the cloud (needs --cloud-ca)"
+    )
+    parser.add_argument(
+        "--cloud-server-name", metavar="NAME", help="the name the cloud's certificate carries, if not the host dialled"
+    )
+
+
+def cloud_security_from_args(args: argparse.Namespace) -> ClientSecurity | None:
+    """--cloud-ca/--cloud-cert/--cloud-key/--cloud-token-file/--cloud-server-name; None when none is given."""
+    settings = {
+        "ca_file": args.cloud_ca,
+        "cert_file": args.cloud_cert,
+        "key_file": args.cloud_key,
+        "token_file": args.cloud_token_file,
+        "server_name": args.cloud_server_name,
+    }
+    return None if all(v is None for v in settings.values()) else ClientSecurity(**settings)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -185,7 +217,14 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     try:
         config = config_from_args(args)
-        server = build_edge_server(config, args.cloud, args.alpha_edge, args.forward_encoding, args.forward_timeout_s)
+        server = build_edge_server(
+            config,
+            args.cloud,
+            args.alpha_edge,
+            args.forward_encoding,
+            args.forward_timeout_s,
+            cloud_security=cloud_security_from_args(args),
+        )
     except (BundleError, OSError, ValueError) as exc:
         print(f"cartosplit serve-edge: {exc}", file=sys.stderr)
         return 2
@@ -197,6 +236,7 @@ def serve(args: argparse.Namespace) -> int:
         alpha_edge="inf" if math.isinf(alpha) else alpha,
         alpha_source="policy" if args.alpha_edge is None else "--alpha-edge",
         forward_encoding=args.forward_encoding,
+        cloud_security=server.servicer.cloud_security.mode,
     )
     return run_until_signal(server, f"edge serving {config.bundle} on {server.address}")
 
