@@ -155,6 +155,9 @@ def check_envelope(request: pb.InferRequest, bundle_id: str, depths: Collection[
         )
 
 
+MAX_ACTIVATION = 1e4
+
+
 def _check_dims(values: np.ndarray, name: str, limits: Sequence[tuple[int, int]]) -> None:
     """Each dimension within its bounds (the codec has checked rank, encoding, bytes and finiteness)."""
     for axis, (size, (low, high)) in enumerate(zip(values.shape, limits, strict=True)):
@@ -167,6 +170,9 @@ def decode_hidden(tensor: pb.Tensor, hidden_size: int, max_length: int) -> np.nd
     """An [S, H] hidden state as float32, 1 <= S <= max_length; FP32, FP16 or INT8 on the wire."""
     values = decode_tensor(tensor, "hidden", 2, _FLOAT_ENCODINGS, max_length * hidden_size)
     _check_dims(values, "hidden", [(1, max_length), (hidden_size, hidden_size)])
+    # a layer's output is LayerNorm-scaled (|x| in the tens at most); far larger values only overflow later
+    if np.abs(values).max() > MAX_ACTIVATION:
+        raise TensorError(f"hidden: values beyond +-{MAX_ACTIVATION:g} are not activations of this model")
     return values
 
 
@@ -564,6 +570,10 @@ def reply_from_logits(
     degraded: bool = False,
 ) -> pb.InferReply:
     probs = softmax(logits)
+    if not np.isfinite(probs).all():  # never answer OK with NaN: the caller sent activations the model cannot use
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, "hidden: the model produced non-finite outputs for these activations"
+        )
     return pb.InferReply(
         request_id=request.request_id,
         label=int(np.argmax(probs)),

@@ -133,3 +133,19 @@ def test_a_retried_request_is_answered_from_the_reply_cache(bundle, cloud_stub):
     # the same id with other activations is another request: computed, not served from the cache
     other = stub.Infer(_request(bundle_id, "req-1", hidden[:3]), timeout=5)
     assert len(server.servicer.replies) == 2 and other.request_id == "req-1"
+
+
+@pytest.mark.parametrize("value", [1e30, 3.4e38])
+def test_extreme_but_finite_activations_are_refused_not_answered_with_nan(bundle, cloud_stub, value):
+    import grpc
+
+    from device_runtime.bundle import load_bundle
+
+    _, stub = cloud_stub
+    hidden = np.full((4, 32), value, dtype=np.float32)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Infer(_request(load_bundle(bundle).bundle_id, "big", hidden), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not activations of this model" in refused.value.details()
+    good = stub.Infer(_request(load_bundle(bundle).bundle_id, "ok", hidden / value), timeout=5)
+    assert np.isfinite(good.probabilities).all()
