@@ -43,6 +43,7 @@ import grpc
 import numpy as np
 
 from benchmarks.machine import describe_machine
+from benchmarks.report import bounds_table, check
 from device_runtime.bundle import Bundle, load_bundle
 from export.demo import ServerProcess
 from protos import tiers_pb2 as pb
@@ -960,18 +961,18 @@ def _report(
         for name in servers
     }
     checks = [
-        _check("no UNKNOWN or servicer INTERNAL", len(servicer_internal), "== 0", not servicer_internal),
-        _check(
+        check("no UNKNOWN or servicer INTERNAL", len(servicer_internal), "== 0", not servicer_internal),
+        check(
             "no error events in the server logs",
             {n: s.error_count for n, s in servers.items()},
             "== 0 each",
             all(s.error_count == 0 for s in servers.values()),
         ),
-        _check("every status code allowed for its message, every OK reply sane", len(problems), "== 0", not problems),
+        check("every status code allowed for its message, every OK reply sane", len(problems), "== 0", not problems),
     ]
     for name in servers:
         checks.append(
-            _check(
+            check(
                 f"{name} alive and answering a good request at the end",
                 final[name],
                 "alive, OK",
@@ -980,7 +981,7 @@ def _report(
         )
         growth = memory[name]["growth_after_warmup_mib"]
         checks.append(
-            _check(
+            check(
                 f"{name} RSS growth after warm-up ({warmup} {'malformed ' if plan.counts_malformed else ''}"
                 "messages), MiB",
                 growth,
@@ -1018,8 +1019,10 @@ def _report(
     }
 
 
-def _check(name: str, value: object, bound: str, held: bool) -> dict:
-    return {"check": name, "value": value, "bound": bound, "held": bool(held)}
+def _show_liveness(value: object) -> object:
+    if isinstance(value, dict) and "alive" in value:
+        return f"alive={value['alive']}, unary {value['unary']['code']}, stream {value['stream']['code']}"
+    return value
 
 
 def _problem_summary(problems: list[Outcome]) -> dict[str, dict[str, int]]:
@@ -1068,16 +1071,8 @@ def markdown(r: dict) -> list[str]:
         f"and the valid requests that open streams) in {r['rpcs']:,} RPCs (one fuzzed message each) over "
         f"{r['seconds']} s: **{r['messages_per_s']} messages/s**. Result: **{'PASSED' if r['passed'] else 'FAILED'}**.",
         "",
-        "## Bounds",
-        "",
-        "| check | value | bound | held |",
-        "|---|---|---|---|",
+        *bounds_table(r["checks"], _show_liveness),
     ]
-    for c in r["checks"]:
-        value = c["value"]
-        if isinstance(value, dict) and "alive" in value:
-            value = f"alive={value['alive']}, unary {value['unary']['code']}, stream {value['stream']['code']}"
-        lines.append(f"| {c['check']} | {value} | {c['bound']} | {'yes' if c['held'] else '**NO**'} |")
     lines += [
         "",
         f"INTERNAL from grpcio for unparseable bytes (before the servicer runs): "

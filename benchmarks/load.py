@@ -39,6 +39,7 @@ import numpy as np
 
 from benchmarks.fuzz_server import RssMonitor, WatchedServer, memory_summary, start_servers, stop_servers
 from benchmarks.machine import describe_machine
+from benchmarks.report import bounds_table, check
 from device_runtime.bundle import Bundle, load_bundle
 from device_runtime.policy import Policy
 from device_runtime.runtime import DeviceRuntime
@@ -368,13 +369,13 @@ def _report(
         for name in (*servers, "clients")
     }
     checks = [
-        _check("exceptions from the device runtime", errors, "== 0", errors == 0),
-        _check("answers without a label", missing, "== 0", missing == 0),
-        _check("answers", answers, "> 0", answers > 0),
+        check("exceptions from the device runtime", errors, "== 0", errors == 0),
+        check("answers without a label", missing, "== 0", missing == 0),
+        check("answers", answers, "> 0", answers > 0),
     ]
     for name in servers:
         checks.append(
-            _check(
+            check(
                 f"{name} alive and answering at the end",
                 final[name],
                 "alive, OK",
@@ -383,7 +384,7 @@ def _report(
         )
         growth = memory[name]["growth_after_warmup_mib"]
         checks.append(
-            _check(
+            check(
                 f"{name} RSS end - RSS at {plan.warmup_s:g} s, MiB",
                 growth,
                 f"< {plan.rss_bound_mib:g}",
@@ -423,8 +424,10 @@ def _shares(values: list[str]) -> dict[str, float]:
     return {k: round(v / len(values), 4) for k, v in sorted(counts.items())} if values else {}
 
 
-def _check(name: str, value: object, bound: str, held: bool) -> dict:
-    return {"check": name, "value": value, "bound": bound, "held": bool(held)}
+def _show_liveness(value: object) -> object:
+    if isinstance(value, dict) and "alive" in value:
+        return f"alive={value['alive']}, answering={value.get('ok')}"
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -456,16 +459,8 @@ def markdown(r: dict) -> list[str]:
         f"{r['errors']} errors, {r['degraded']} degraded, {r['fallbacks']} with a tier failure on the way. "
         f"Result: **{'PASSED' if r['passed'] else 'FAILED'}**.",
         "",
-        "## Bounds",
-        "",
-        "| check | value | bound | held |",
-        "|---|---|---|---|",
+        *bounds_table(r["checks"], _show_liveness),
     ]
-    for c in r["checks"]:
-        value = c["value"]
-        if isinstance(value, dict) and "alive" in value:
-            value = f"alive={value['alive']}, answering={value.get('ok')}"
-        lines.append(f"| {c['check']} | {value} | {c['bound']} | {'yes' if c['held'] else '**NO**'} |")
     lines += [
         "",
         "## Latency (ms, per input, as the device sees it)",
