@@ -43,7 +43,7 @@ import grpc
 import numpy as np
 
 from benchmarks.machine import describe_machine
-from benchmarks.report import bounds_table, check
+from benchmarks.report import bounds_table, check, write_report
 from device_runtime.bundle import Bundle, load_bundle
 from export.demo import ServerProcess
 from protos import tiers_pb2 as pb
@@ -1046,14 +1046,6 @@ def _problem_record(o: Outcome) -> dict:
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def write_report(report: dict, out: str | Path, command: str) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"command": command, "machine": describe_machine(), **report}
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text("\n".join(markdown(report)) + "\n")
-
-
 def markdown(r: dict) -> list[str]:
     lines = [
         "# Fuzzing the tier servers",
@@ -1201,7 +1193,7 @@ def main(argv: list[str] | None = None) -> int:
         dict(item.split("=", 1) for item in args.server_env),
     )
     command = "python -m benchmarks.fuzz_server " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    write_report(report, args.out, command)
+    write_report(report, args.out, command, markdown)
     print("\n".join(markdown({"command": command, "machine": describe_machine(), **report})))
     return 0 if report["passed"] else 1
 

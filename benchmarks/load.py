@@ -22,7 +22,6 @@ are counted and reported, not bounded: the fallback is the designed behaviour un
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -39,7 +38,7 @@ import numpy as np
 
 from benchmarks.fuzz_server import RssMonitor, WatchedServer, memory_summary, start_servers, stop_servers
 from benchmarks.machine import describe_machine
-from benchmarks.report import bounds_table, check
+from benchmarks.report import bounds_table, check, write_report
 from device_runtime.bundle import Bundle, load_bundle
 from device_runtime.policy import Policy
 from device_runtime.runtime import DeviceRuntime
@@ -433,14 +432,6 @@ def _show_liveness(value: object) -> object:
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def write_report(report: dict, out: str | Path, command: str) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"command": command, "machine": describe_machine(), **report}
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text("\n".join(markdown(report)) + "\n")
-
-
 def markdown(r: dict) -> list[str]:
     p = r["plan"]
     lines = [
@@ -530,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     command = "python -m benchmarks.load " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    write_report(report, args.out, command)
+    write_report(report, args.out, command, markdown)
     print("\n".join(markdown({"command": command, "machine": describe_machine(), **report})))
     return 0 if report["passed"] else 1
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 
 def check(name: str, value: object, bound: str, held: bool) -> dict:
@@ -16,3 +18,14 @@ def bounds_table(checks: list[dict], show: Callable[[object], object] = lambda v
     for c in checks:
         lines.append(f"| {c['check']} | {show(c['value'])} | {c['bound']} | {'yes' if c['held'] else '**NO**'} |")
     return lines
+
+
+def write_report(report: dict, out: str | Path, command: str, markdown: Callable[[dict], list[str]]) -> None:
+    """``<out>.json`` (the report with its command and machine) and ``<out>.md`` rendered by ``markdown``."""
+    from benchmarks.machine import describe_machine
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"command": command, "machine": describe_machine(), **report}
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text("\n".join(markdown(report)) + "\n")
