@@ -321,6 +321,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks import cli as bench_cli
+
+    if args.name is None:
+        args.bench_parser.print_help()
+        return 0 if args.bench_help else 2
+    argv = list(args.bench_argv) + (["--help"] if args.bench_help else [])
+    return bench_cli.run(args.name, argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cartosplit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -458,6 +468,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run, needs_export=False)
 
+    from benchmarks import cli as bench_cli
+
+    p = sub.add_parser(
+        "bench",
+        help="run a committed benchmark (tradeoff, latency, bytes, e2e, ...)",
+        description=bench_cli.description(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,  # `bench NAME --help` is the benchmark's own help
+    )
+    p.add_argument("-h", "--help", action="store_true", dest="bench_help", help="this help; NAME --help: its options")
+    bench_cli.add_arguments(p)
+    p.set_defaults(func=cmd_bench, needs_export=False, bench_parser=p)
+
     p = sub.add_parser(
         "demo",
         help="end to end on one machine: train, calibrate, export, serve edge + cloud, run the device",
@@ -481,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "accepts_any_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.bench_argv = unknown
     if getattr(args, "needs_export", False):
         _need_export_extra(args.command)
     try:

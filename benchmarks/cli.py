@@ -1,0 +1,43 @@
+"""``cartosplit bench NAME ...``: one entry point for the committed benchmarks.
+
+Each benchmark is a module with ``main(argv) -> int`` and its own ``--help``; the CLI hands it the
+arguments after its name. Modules import their heavy dependencies (torch, ray) inside ``main`` so that
+``cartosplit --help`` stays fast and works on a device install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> (module, one-line help). Keep in the order a reader would run them.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "tradeoff": ("benchmarks.tradeoff", "accuracy vs cost on a GLUE task: cartosplit against every baseline"),
+    "router-variants": ("benchmarks.router_variants", "router kind x depth on one calibrated run"),
+    "export-formats": ("benchmarks.export_formats", "dev accuracy and device latency per exported format"),
+    "latency": ("benchmarks.latency", "device/edge/cloud slice latency per runtime, batch and length"),
+    "bytes": ("benchmarks.wire_bytes", "bytes per offloaded sample per activation encoding, accuracy change"),
+    "e2e": ("benchmarks.e2e", "device, edge and cloud processes over emulated network links"),
+    "fuzz": ("benchmarks.fuzz_server", "malformed requests against live servers"),
+    "load": ("benchmarks.load", "many concurrent device runtimes against live servers"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``cartosplit bench``: the benchmark's name; the rest goes to the benchmark."""
+    parser.add_argument("name", nargs="?", choices=sorted(BENCHMARKS), metavar="NAME", help=", ".join(BENCHMARKS))
+    parser.set_defaults(accepts_any_arguments=True)
+
+
+def description() -> str:
+    width = max(len(n) for n in BENCHMARKS)
+    lines = [f"  {name:<{width}}  {text}" for name, (_, text) in BENCHMARKS.items()]
+    return (
+        "Run a committed benchmark; `cartosplit bench NAME --help` shows its options. Results go to "
+        "benchmarks/results/ as JSON + Markdown (+ PNG) with the command and the machine.\n\n" + "\n".join(lines)
+    )
+
+
+def run(name: str, argv: list[str]) -> int:
+    module = importlib.import_module(BENCHMARKS[name][0])
+    return int(module.main(argv) or 0)
