@@ -26,6 +26,8 @@ Serving (no torch needed):
   cartosplit serve-cloud --bundle B --port 50052
   cartosplit serve-edge --bundle B --port 50051 --cloud 127.0.0.1:50052
   cartosplit run --bundle B --edge 127.0.0.1:50051 --cloud 127.0.0.1:50052 < texts.txt > answers.jsonl
+  cartosplit serve-device --config /etc/cartosplit/device.toml
+                                            the device as a local HTTP service (a Pi's systemd unit)
   cartosplit demo                           train + calibrate, quickly, on a small SST-2 subset
 """
 
@@ -467,6 +469,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the bearer token this file holds to the edge and the cloud (needs --ca: never in plaintext)",
     )
     p.set_defaults(func=cmd_run, needs_export=False)
+
+    from device_runtime import service as device_service
+
+    p = sub.add_parser(
+        "serve-device",
+        help="the device as a local HTTP service (e.g. a systemd unit on a Pi), configured by one TOML file",
+        description="Load the bundle once and answer local apps over HTTP: POST /v1/classify with "
+        '{"texts": [...], "text_pairs": [...]} returns the same per-input objects `cartosplit run` writes; '
+        "GET /healthz names the bundle and the configured tiers. Bundle, edge and cloud servers, backend, "
+        "TLS files, listen address and request limits come from one TOML file (deploy/pi/device.toml is an "
+        "example; unknown keys are errors). Listens on 127.0.0.1 by default; bad requests get a 4xx and the "
+        "service keeps serving; SIGTERM stops it. Standard library HTTP, no torch.",
+    )
+    device_service.add_arguments(p)
+    p.set_defaults(func=device_service.main_from_args, needs_export=False)
 
     from benchmarks import cli as bench_cli
 
