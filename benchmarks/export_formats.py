@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from benchmarks.machine import describe_machine
+from benchmarks.timing import DeviceSlice
 from device_runtime.bundle import FORMATS, Bundle, load_bundle
 from device_runtime.text import encode, load_tokenizer, pad_batch
 
@@ -51,12 +52,12 @@ def _onnx_accuracy(bundle: Bundle, fmt: str, encoded: list, labels: np.ndarray, 
         for key, logits in zip((*EXITS, "full"), (device_logits, edge_logits, final_logits, full_logits), strict=True):
             preds[key][idx] = logits.argmax(1)
         router[idx] = router_logits.argmax(1)
+    device = DeviceSlice(bundle, fmt, threads)
     latency = []
     for ids, types in encoded[:200]:
         single = pad_batch([(ids, types)])
         began = time.perf_counter()
-        _, hidden_r = sessions["device_head"].run(list(single.values()))
-        sessions["device_tail"].run([hidden_r, single["attention_mask"]])
+        device.run(single)
         latency.append(1000 * (time.perf_counter() - began))
     return {
         "accuracy": {k: float((v == labels).mean()) for k, v in preds.items()},
@@ -66,29 +67,18 @@ def _onnx_accuracy(bundle: Bundle, fmt: str, encoded: list, labels: np.ndarray, 
 
 
 def _tflite_accuracy(bundle: Bundle, fmt: str, encoded: list, labels: np.ndarray, threads: int) -> dict:
-    from device_runtime.litert_backend import LiteRTSession, bucket_for, pad_to
-
-    buckets = bundle.manifest["formats"][fmt]["buckets"]
-    sessions = {
-        (n, b): LiteRTSession(bundle.graph_file(n, fmt, b), threads)
-        for n in ("device_head", "device_tail")
-        for b in buckets
-    }
+    device = DeviceSlice(bundle, fmt, threads)  # pads each sample to the smallest bucket that fits
     preds = np.zeros(len(encoded), dtype=np.int64)
     router = np.zeros(len(encoded), dtype=np.int64)
     latency = []
     for i, (ids, types) in enumerate(tqdm(encoded, desc=fmt, leave=False)):
-        bucket = bucket_for(len(ids), buckets)
-        single = {k: pad_to(v, bucket) for k, v in pad_batch([(ids, types)]).items()}
+        single = pad_batch([(ids, types)])
         began = time.perf_counter()
-        router_logits, hidden_r = sessions[("device_head", bucket)].run(
-            [single["input_ids"], single["attention_mask"], single["token_type_ids"]]
-        )
-        _, device_logits = sessions[("device_tail", bucket)].run([hidden_r, single["attention_mask"]])
+        out = device.run(single)
         if i < 200:
             latency.append(1000 * (time.perf_counter() - began))
-        preds[i] = device_logits.argmax(1)[0]
-        router[i] = router_logits.argmax(1)[0]
+        preds[i] = out.device_logits.argmax(1)[0]
+        router[i] = out.router_logits.argmax(1)[0]
     return {
         "accuracy": {"device": float((preds == labels).mean())},
         "router_groups": router.tolist(),
