@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,12 +26,22 @@ READY = re.compile(r"serving .* on (\S+:\d+)\s*$")
 
 
 class ServerProcess:
-    """A tier server in its own process; ``address`` once it printed its ready line."""
+    """A tier server in its own process; ``address`` once it printed its ready line.
 
-    def __init__(self, args: list[str], name: str, timeout_s: float = 120.0) -> None:
+    ``prefix``: a command put in front (e.g. ``ip netns exec NS``); ``module``: the Python module run.
+    """
+
+    def __init__(
+        self,
+        args: list[str],
+        name: str,
+        timeout_s: float = 120.0,
+        prefix: Sequence[str] = (),
+        module: str = "device_runtime.cli",
+    ) -> None:
         self.name = name
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "device_runtime.cli", *args],
+            [*prefix, sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
