@@ -1,0 +1,159 @@
+"""Cost profiles from benchmark JSON: link maths, per-layer costs, energy labelling, and files calibrate can load."""
+
+import json
+
+import pytest
+
+from benchmarks import cost_profile
+from benchmarks.cost_profile import (
+    DEFAULT_LINKS,
+    LinkSpec,
+    Selection,
+    auto_length,
+    build_mj_profile,
+    build_ms_profile,
+    compute_ms_per_layer,
+    hop_bytes,
+    transfer_ms,
+)
+from device_runtime.costs import CostProfile, SplitPoints
+
+SPLIT = {"router_depth": 1, "device": 2, "edge": 4, "total": 6}
+
+
+def row(tier, key, graph, p50, batch=1, length=32, threads=1, energy=None):
+    r = {"tier": tier, "key": key, "graph": graph, "batch": batch, "length": length, "threads": threads}
+    r |= {"p50_ms": p50, "mean_ms": p50 * 1.5}
+    if energy is not None:
+        r["energy"] = energy
+    return r
+
+
+@pytest.fixture
+def latency():
+    return {
+        "command": "cartosplit bench latency ...",
+        "machine": "x86_64 test box",
+        "split_points": SPLIT,
+        "settings": {"lengths": [32, 64, 128]},
+        "rows": [
+            row("device", "onnx-int8", "device_head+device_tail", 4.0),  # 2 layers -> 2 ms per layer
+            row("device", "onnx-int8", "device_head+device_tail", 12.0, length=64),
+            row("edge", "onnx-fp32", "edge", 6.0),  # 2 layers -> 3 ms
+            row("cloud", "onnx-fp32", "cloud_from_4", 2.0),  # 2 layers -> 1 ms
+            row("cloud", "onnx-fp32", "cloud_from_1", 5.0),
+        ],
+    }
+
+
+@pytest.fixture
+def wire():
+    hops = {"device_to_edge": 10_000.0, "edge_to_cloud": 20_000.0, "device_to_cloud": 5_000.0}
+    return {
+        "command": "cartosplit bench bytes ...",
+        "encodings": ["fp32", "fp16", "int8"],
+        "tokens_mean": 24.2,
+        "bytes": {hop: {"fp16": {"mean": n}, "fp32": {"mean": 2 * n}} for hop, n in hops.items()},
+    }
+
+
+def test_transfer_time_is_serialisation_plus_latency():
+    assert transfer_ms(10_000, LinkSpec(10, 50)) == pytest.approx(8.0 + 50.0)  # 80,000 bits at 10 Mbit/s
+    assert transfer_ms(0, LinkSpec(100, 30)) == 30.0
+    with pytest.raises(ValueError):
+        transfer_ms(-1, LinkSpec(10, 5))
+
+
+@pytest.mark.parametrize(("args", "message"), [((0, 5), "bandwidth"), ((10, -1), "latency"), ((10, 5, -2), "radio")])
+def test_bad_links_are_refused(args, message):
+    with pytest.raises(ValueError, match=message):
+        LinkSpec(*args)
+
+
+def test_default_links_are_the_documented_ones():
+    assert DEFAULT_LINKS["device_to_edge"] == LinkSpec(50, 5)
+    assert DEFAULT_LINKS["edge_to_cloud"] == LinkSpec(100, 30)
+    assert DEFAULT_LINKS["device_to_cloud"] == LinkSpec(10, 50)
+
+
+def test_per_layer_costs_divide_each_slice_by_its_layers(latency):
+    assert compute_ms_per_layer(latency, Selection()) == {"device": 2.0, "edge": 3.0, "cloud": 1.0}
+    assert compute_ms_per_layer(latency, Selection(statistic="mean_ms"))["device"] == 3.0
+
+
+def test_a_missing_measurement_is_a_clear_error(latency):
+    with pytest.raises(ValueError, match="no edge row"):
+        compute_ms_per_layer(latency, Selection(length=64))  # the device has length 64, the edge does not
+    with pytest.raises(ValueError, match="no device row"):
+        compute_ms_per_layer(latency, Selection(device_key="tflite-int8"))
+
+
+def test_hop_bytes_pick_the_encoding_and_refuse_an_unknown_one(wire):
+    assert hop_bytes(wire, "fp32")["edge_to_cloud"] == 40_000.0
+    with pytest.raises(ValueError, match="no encoding"):
+        hop_bytes(wire, "bf16")
+    del wire["bytes"]["device_to_cloud"]  # r = 0: no hidden-state hop to the cloud
+    assert hop_bytes(wire, "fp16")["device_to_cloud"] == 0.0
+
+
+def test_ms_profile_has_the_measured_costs_and_says_where_they_come_from(latency, wire):
+    profile = build_ms_profile(latency, wire, DEFAULT_LINKS, Selection())
+    assert (profile.device_per_layer, profile.edge_per_layer, profile.cloud_per_layer) == (2.0, 3.0, 1.0)
+    assert profile.device_to_edge == pytest.approx(10_000 * 8 / 50e6 * 1e3 + 5)
+    assert profile.edge_to_cloud == pytest.approx(20_000 * 8 / 100e6 * 1e3 + 30)
+    assert profile.device_to_cloud == pytest.approx(5_000 * 8 / 10e6 * 1e3 + 50)
+    assert profile.unit == "ms" and "measured" in profile.source and "x86_64 test box" in profile.source
+    costs = profile.tier_costs(SplitPoints(**SPLIT))
+    assert costs[0] == pytest.approx(4.0)  # two device layers
+    assert costs[1] == pytest.approx(4.0 + profile.device_to_edge + 2 * 3.0)
+
+
+def test_mj_profile_estimates_device_energy_from_watts_and_labels_it(latency, wire):
+    pi = {"active_w": {"all": 6.0}, "idle_w": 3.0}
+    profile = build_mj_profile(latency, wire, DEFAULT_LINKS, Selection(), "raspberry-pi-4", pi)
+    assert profile.unit == "mJ"
+    assert profile.device_per_layer == pytest.approx(2.0 * 6.0)  # ms per layer x W = mJ
+    assert profile.edge_per_layer == pytest.approx(3.0 * 3.0) and profile.cloud_per_layer == pytest.approx(1.0 * 3.0)
+    assert profile.device_to_edge == pytest.approx(transfer_ms(10_000, DEFAULT_LINKS["device_to_edge"]) * 3.0)
+    assert "ESTIMATED" in profile.source and "not on the device" in profile.source
+    assert "radio not included" in profile.source
+
+
+def test_mj_profile_prefers_a_measured_figure_and_given_radio_power(latency, wire):
+    latency["rows"][0]["energy"] = [{"label": "measured", "meter": "RAPL package-0", "mj_per_sample": 9.0}]
+    links = dict(DEFAULT_LINKS, device_to_edge=LinkSpec(50, 5, radio_w=1.5))
+    phone = {"active_w": {"1": 1.8}, "idle_w": None}
+    profile = build_mj_profile(latency, wire, links, Selection(), "phone", phone)
+    assert profile.device_per_layer == pytest.approx(4.5) and "measured (RAPL package-0)" in profile.source
+    assert profile.device_to_edge == pytest.approx(transfer_ms(10_000, links["device_to_edge"]) * 1.5)
+    assert profile.edge_to_cloud == 0.0 and profile.edge_per_layer == 0.0  # watts above idle: waiting costs ~0
+
+
+def test_auto_length_fits_the_mean_tokens(latency, wire):
+    assert auto_length(latency, wire) == 32
+    wire["tokens_mean"] = 40.0
+    assert auto_length(latency, wire) == 64
+    wire["tokens_mean"] = 500.0
+    assert auto_length(latency, wire) == 128
+
+
+def test_main_writes_profiles_that_calibrate_can_load(latency, wire, tmp_path, capsys):
+    (tmp_path / "latency.json").write_text(json.dumps(latency))
+    (tmp_path / "bytes.json").write_text(json.dumps(wire))
+    argv = ["--latency", str(tmp_path / "latency.json"), "--bytes", str(tmp_path / "bytes.json")]
+    argv += ["--device-cloud", "20,40", "--out-dir", str(tmp_path / "out")]
+    assert cost_profile.main(argv) == 0
+    ms = CostProfile.from_json(tmp_path / "out" / "cost-profile-ms.json")
+    mj = CostProfile.from_json(tmp_path / "out" / "cost-profile-mJ.json")
+    assert set(json.loads((tmp_path / "out" / "cost-profile-ms.json").read_text())) == set(CostProfile().to_dict())
+    assert ms.unit == "ms" and mj.unit == "mJ"
+    assert ms.device_to_cloud == pytest.approx(5_000 * 8 / 20e6 * 1e3 + 40)
+    assert "cloud direct" in capsys.readouterr().out
+
+
+def test_main_refuses_an_unknown_power_profile(latency, wire, tmp_path):
+    (tmp_path / "latency.json").write_text(json.dumps(latency))
+    (tmp_path / "bytes.json").write_text(json.dumps(wire))
+    argv = ["--latency", str(tmp_path / "latency.json"), "--bytes", str(tmp_path / "bytes.json")]
+    with pytest.raises(SystemExit, match="no power profile"):
+        cost_profile.main([*argv, "--power-profile", "toaster", "--out-dir", str(tmp_path)])
