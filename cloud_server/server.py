@@ -42,8 +42,8 @@ class CloudServicer(TierServicer, pb_grpc.CloudTierServicer):
         super().__init__(bundle, config, metrics or TierMetrics(self.tier_name))
         self.graph_for_depth = cloud_graphs(bundle)
         try:
-            for depth, graph in self.graph_for_depth.items():
-                self.add_graph(graph, "tokens" if depth == 0 else "hidden")
+            kinds = {graph: "tokens" if depth == 0 else "hidden" for depth, graph in self.graph_for_depth.items()}
+            self.add_graphs(kinds)
         except Exception:
             self.close()  # no batcher threads left behind by a half-built servicer
             raise

@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import numpy as np
@@ -36,6 +37,7 @@ from protos.security import ServerSecurity
 
 LOG = logging.getLogger("cartosplit.server")
 SERVER_FORMATS = ("onnx-int8", "onnx-fp32")
+BACKENDS = ("local", "ray")
 # Below this much time left there is no point starting work: the reply could not arrive in time.
 MIN_TIME_LEFT_S = 0.001
 # grpc reports "no deadline" as a huge number of seconds rather than None.
@@ -63,10 +65,22 @@ class ServerConfig:
     metrics_port: int | None = None  # None = no HTTP endpoint; 0 = a free port (TierServer.metrics_port)
     grace_s: float = 5.0
     security: ServerSecurity | None = None  # TLS / mutual TLS / bearer token; None = plaintext, no auth
+    # where the graphs run: "local" (onnxruntime in this process) or "ray" (a Ray Serve deployment; the extra
+    # cartosplit[ray]). With "ray": ray_address None starts a local Ray, ray_config is a YAML/JSON file of
+    # replicas, autoscaling and batching, ray_app attaches to an application someone else deployed (RayService).
+    backend: str = "local"
+    ray_address: str | None = None
+    ray_config: str | Path | None = None
+    ray_app: str | None = None
 
     def __post_init__(self) -> None:
         if self.fmt not in SERVER_FORMATS:
             raise ValueError(f"format {self.fmt!r} cannot be served; use one of {SERVER_FORMATS}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is unknown; use one of {BACKENDS}")
+        ray_settings = (self.ray_address, self.ray_config, self.ray_app)
+        if self.backend != "ray" and any(v is not None for v in ray_settings):
+            raise ValueError("--ray-address, --ray-config and --ray-app need --backend ray")
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.workers < 1 or self.max_message_bytes < 1:
             raise ValueError("max_batch, workers and max_message_bytes must be >= 1 and max_wait_ms >= 0")
         if self.security is not None:
@@ -238,16 +252,66 @@ class _Item:
 _STOP = object()
 
 
+class GraphSession(Protocol):
+    """What a batcher runs a padded batch on: onnxruntime here (OnnxSession) or a remote backend.
+
+    ``run`` takes the inputs in ``input_names`` order and returns the graph's outputs in its order.
+    A session may set ``max_in_flight`` > 1 (default 1) when it can usefully run several batches at once,
+    e.g. a Ray deployment with several replicas.
+    """
+
+    input_names: list[str]
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
+
+
+class GraphBackend(Protocol):
+    """Where a tier's graphs run. ``open_graphs`` gets ``{graph: kind}`` and returns a session per graph."""
+
+    name: str
+
+    def open_graphs(
+        self, bundle: Bundle, graphs: dict[str, str], fmt: str, threads: int | None, tier: str
+    ) -> dict[str, GraphSession]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """The default backend: each graph in an onnxruntime session inside this process."""
+
+    name = "local"
+
+    def open_graphs(
+        self, bundle: Bundle, graphs: dict[str, str], fmt: str, threads: int | None, tier: str
+    ) -> dict[str, GraphSession]:
+        return {graph: OnnxSession(bundle.graph_file(graph, fmt), threads) for graph in graphs}
+
+    def close(self) -> None:
+        pass
+
+
+def open_backend(config: ServerConfig) -> GraphBackend:
+    """The backend ``config.backend`` names; the Ray one is imported only when asked for (optional extra)."""
+    if config.backend == "ray":
+        from cloud_server.ray_backend import RayBackend
+
+        return RayBackend(config.ray_address, config.ray_config, config.ray_app)
+    return LocalBackend()
+
+
 class Batcher:
     """Dynamic batching for one graph: one worker thread pads queued samples and runs them together.
 
     ``kind`` is ``"hidden"`` (samples are ([S, H] float32,)) or ``"tokens"`` (([S] ids, [S] type ids)).
     A batch closes when it holds ``max_batch`` samples or ``max_wait_ms`` after its first sample arrived.
+    When the session allows several batches at once (``max_in_flight`` > 1), closed batches run on helper
+    threads so the worker can close the next one meanwhile; otherwise the worker runs each batch itself.
     """
 
     def __init__(
         self,
-        session: OnnxSession,
+        session: GraphSession,
         max_batch: int,
         max_wait_ms: float,
         kind: str,
@@ -262,6 +326,13 @@ class Batcher:
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
+        self.max_in_flight = max(1, int(getattr(session, "max_in_flight", 1)))
+        self._in_flight = threading.BoundedSemaphore(self.max_in_flight)
+        self._runners = (
+            concurrent.futures.ThreadPoolExecutor(self.max_in_flight, thread_name_prefix=f"batch-{name or kind}")
+            if self.max_in_flight > 1
+            else None
+        )
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name or kind}", daemon=True)
         self._thread.start()
 
@@ -282,6 +353,8 @@ class Batcher:
             self._closed = True
             self._queue.put(_STOP)
         self._thread.join(timeout)
+        if self._runners is not None:  # the batches handed to helper threads finish too
+            self._runners.shutdown(wait=True)
 
     def _loop(self) -> None:
         stopping = False
@@ -290,7 +363,17 @@ class Batcher:
             if first is _STOP:
                 return
             batch, stopping = self._collect(first)
+            if self._runners is None:
+                self._run(batch)
+            else:
+                self._in_flight.acquire()  # at most max_in_flight batches out at once: back-pressure
+                self._runners.submit(self._run_and_release, batch)
+
+    def _run_and_release(self, batch: list[_Item]) -> None:
+        try:
             self._run(batch)
+        finally:
+            self._in_flight.release()
 
     def _collect(self, first: _Item) -> tuple[list[_Item], bool]:
         batch = [first]
@@ -419,6 +502,7 @@ class TierServicer:
         self.max_length = int(model["max_length"])
         self.split = bundle.split_points
         self.batchers: dict[str, Batcher] = {}
+        self.backend = open_backend(config)  # where the graphs run (a Ray backend connects in add_graphs)
         self.replies = ReplyCache()  # a retried request (same id and payload) is answered, not recomputed
         # streams hand each request to this pool so that one stream can fill a batch
         self._stream_pool = concurrent.futures.ThreadPoolExecutor(
@@ -426,16 +510,21 @@ class TierServicer:
         )
 
     # ----- graphs
+    def add_graphs(self, kinds: dict[str, str]) -> None:
+        """Open ``{graph: kind}`` on the backend (all at once: a Ray backend deploys them as one application)."""
+        sessions = self.backend.open_graphs(self.bundle, kinds, self.config.fmt, self.config.threads, self.tier_name)
+        for graph, kind in kinds.items():
+            self.batchers[graph] = Batcher(
+                sessions[graph],
+                self.config.max_batch,
+                self.config.max_wait_ms,
+                kind,
+                name=graph,
+                on_batch=self.metrics.batch_observer(graph),
+            )
+
     def add_graph(self, graph: str, kind: str) -> None:
-        session = OnnxSession(self.bundle.graph_file(graph, self.config.fmt), self.config.threads)
-        self.batchers[graph] = Batcher(
-            session,
-            self.config.max_batch,
-            self.config.max_wait_ms,
-            kind,
-            name=graph,
-            on_batch=self.metrics.batch_observer(graph),
-        )
+        self.add_graphs({graph: kind})
 
     def run_graph(self, graph: str, arrays: tuple[np.ndarray, ...], context: grpc.ServicerContext) -> BatchResult:
         """One sample through ``graph`` via its batcher, waiting no longer than the client's deadline."""
@@ -460,6 +549,7 @@ class TierServicer:
         for batcher in self.batchers.values():
             batcher.stop()
         self._stream_pool.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()  # after the batchers: their last batches still need it
 
     # ----- the request path
     def infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:
@@ -668,6 +758,7 @@ class TierServer:
             address=self.address,
             bundle_id=self.servicer.bundle.bundle_id[:12],
             format=self.config.fmt,
+            backend=self.config.backend,
             metrics_port=self.metrics_port,
             security=self.security.mode,  # the mode only, never a secret
         )
@@ -742,6 +833,32 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         "token (a file, not the token itself, so it never shows in ps). Needs TLS unless --host is loopback",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    scale = parser.add_argument_group("scale-out on Ray Serve (needs: pip install 'cartosplit[ray]')")
+    scale.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="where the graphs run: local = onnxruntime in this process (default); ray = a Ray Serve "
+        "deployment (replicas, autoscaling) behind this server, which keeps checks, TLS, auth and health",
+    )
+    scale.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join this Ray cluster ('auto', HOST:PORT or ray://HOST:10001); default: start a local Ray "
+        "and shut it down on exit",
+    )
+    scale.add_argument(
+        "--ray-config",
+        metavar="FILE",
+        help="YAML or JSON: num_replicas, autoscaling_config, max_batch_size, batch_wait_timeout_s, num_cpus, "
+        "ray_actor_options, ... (docs/scaling.md)",
+    )
+    scale.add_argument(
+        "--ray-app",
+        metavar="NAME",
+        help="use this already-deployed Serve application (e.g. from a KubeRay RayService) instead of "
+        "deploying one; it must serve the same bundle",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -758,6 +875,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_port=args.metrics_port,
         grace_s=args.grace_s,
         security=security_from_args(args),
+        backend=args.backend,
+        ray_address=args.ray_address,
+        ray_config=args.ray_config,
+        ray_app=args.ray_app,
     )
 
 
