@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -60,6 +61,7 @@ class RaySettings:
     local_num_cpus: int | None = None  # a local Ray (no --ray-address): CPUs it schedules; default all
     object_store_mib: int = 128  # a local Ray's object store; the arrays passed here are small
     app_name: str | None = None  # the Serve application; default cartosplit-<tier>-<bundle id[:12]>
+    attach_timeout_s: float = 0.0  # --ray-app: keep trying this long for the application to come up
 
     def __post_init__(self) -> None:
         auto = self.num_replicas == "auto"
@@ -78,8 +80,10 @@ class RaySettings:
         for name, value in positive.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not isinstance(self.batch_wait_timeout_s, (int, float)) or self.batch_wait_timeout_s < 0:
-            raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s!r}")
+        for name in ("batch_wait_timeout_s", "attach_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
         if not isinstance(self.num_cpus, (int, float)) or self.num_cpus < 0:
             raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus!r}")
         if not isinstance(self.ray_actor_options, dict):
@@ -438,12 +442,18 @@ class RayBackend:
         return handle
 
     def _attach(self, serve: Any, bundle: Bundle, graphs: dict[str, str], fmt: str) -> Any:
-        try:
-            handle = serve.get_app_handle(self.app_name)
-            served = handle.describe.remote().result(timeout_s=self.settings.call_timeout_s)
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            raise ValueError(f"cannot use the Serve application {self.app_name!r}: {reason}") from None
+        # a front started beside a RayService may come up before the application: wait for it if told to
+        deadline = time.monotonic() + self.settings.attach_timeout_s
+        while True:
+            try:
+                handle = serve.get_app_handle(self.app_name)
+                served = handle.describe.remote().result(timeout_s=self.settings.call_timeout_s)
+                break
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    reason = f"{type(exc).__name__}: {exc}"
+                    raise ValueError(f"cannot use the Serve application {self.app_name!r}: {reason}") from None
+                time.sleep(2.0)
         if served.get("bundle_id") != bundle.bundle_id:
             raise ValueError(
                 f"the Serve application {self.app_name!r} serves bundle {str(served.get('bundle_id'))[:12]!r}, "

@@ -90,6 +90,13 @@ def test_ray_flags_need_the_ray_backend(bundle):
         ServerConfig(bundle, backend="spark")
 
 
+def test_a_missing_ray_install_is_explained(bundle, monkeypatch):
+    """Without the extra, --backend ray stops with the pip command, before anything starts."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(ValueError, match=re.escape("pip install 'cartosplit[ray]'")):
+        build_cloud_server(ServerConfig(bundle, backend="ray"))
+
+
 # ------------------------------------------------------------------------------------- with a local Ray
 
 ray_marked = pytest.mark.ray
