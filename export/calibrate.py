@@ -20,6 +20,7 @@ from device_runtime.policy import (
     Outcome,
     evaluate_policy,
     evaluate_tiers,
+    oracle_tiers,
     search_policy,
 )
 from device_runtime.text import encode, load_tokenizer
@@ -67,12 +68,7 @@ def baselines(signals: ExitSignals, labels: np.ndarray, tier_costs: np.ndarray, 
     cloud = evaluate_tiers(np.full(n, TIER_CLOUD_DIRECT), preds[2], labels, tier_costs)
     cloud.mean_cost = all_cloud_cost  # raw input sent, nothing on the device: not the router's depth-r route
     rows["all-cloud"] = cloud
-    right = preds == labels[None, :]
-    # oracle: the cheapest tier whose exit is right; a sample no exit gets right stays on the device
-    tiers = np.where(
-        right[0], TIER_DEVICE, np.where(right[1], TIER_EDGE, np.where(right[2], TIER_CLOUD_DIRECT, TIER_DEVICE))
-    )
-    answer = np.where(right[0] | ~(right[1] | right[2]), preds[0], np.where(right[1], preds[1], preds[2]))
+    tiers, answer = oracle_tiers(signals, labels)
     rows["oracle"] = evaluate_tiers(tiers, answer, labels, tier_costs)
     return rows
 
@@ -98,17 +94,24 @@ def format_table(rows: dict[str, dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def calibrate(cfg: CalibrateConfig, log=print) -> dict:
+@dataclass
+class CalibrationData:
+    """What calibration and the benchmarks read from a trained run: the sets, their forward passes, the groups."""
+
+    run: Path
+    train_config: object  # export.train.TrainConfig
+    model_config: object  # export.model.MultiExitConfig
+    sets: dict  # name -> TextDataset for "train" (the trained subset), "calib" and "dev"
+    forward: dict  # name -> (exit probabilities [3, N, K], {depth: pooled features [N, H]})
+    groups: np.ndarray  # cartography group per trained sample
+
+
+def load_calibration_data(run: str | Path, batch_size: int = 64) -> CalibrationData:
+    """Load a trained run and run (or reuse the cached) forward passes over its three sets."""
     import torch
 
-    started = time.time()
-    run = Path(cfg.run)
-    info, tcfg = load_run(run)
-    if cfg.router.depth > tcfg.device_split:
-        raise ValueError(
-            f"router depth {cfg.router.depth} is past the device split ({tcfg.device_split}): "
-            "the router must decide on the device, before the sample leaves it"
-        )
+    run = Path(run)
+    _, tcfg = load_run(run)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     model = MultiExitBert.load(run / "model")
@@ -119,12 +122,26 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     with np.load(run / "cartography.npz") as carto:
         groups = carto["groups"]
     depths = tuple(range(tcfg.device_split + 1))  # every router depth the device can use, computed once
-
     sets = {"train": pool.subset(train_idx), "calib": pool.subset(calib_idx), "dev": dev}
     forward = {
-        name: _cached_forward(run, model, name, encode(tokenizer, ds.texts, ds.text_pairs), depths, cfg.batch_size)
+        name: _cached_forward(run, model, name, encode(tokenizer, ds.texts, ds.text_pairs), depths, batch_size)
         for name, ds in sets.items()
     }
+    return CalibrationData(run, tcfg, model.config, sets, forward, groups)
+
+
+def calibrate(cfg: CalibrateConfig, log=print) -> dict:
+    started = time.time()
+    run = Path(cfg.run)
+    info, tcfg = load_run(run)
+    if cfg.router.depth > tcfg.device_split:
+        raise ValueError(
+            f"router depth {cfg.router.depth} is past the device split ({tcfg.device_split}): "
+            "the router must decide on the device, before the sample leaves it"
+        )
+    data = load_calibration_data(run, cfg.batch_size)
+    sets, forward, groups = data.sets, data.forward, data.groups
+    dev = sets["dev"]
 
     router, report = fit_router(forward["train"][1][cfg.router.depth], groups, cfg.router)
     if cfg.write:
@@ -135,7 +152,7 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
         signals[name] = ExitSignals(probs[0], probs[1], probs[2], router_probs(router, pooled[cfg.router.depth]))
 
     profile = CostProfile.from_json(cfg.costs) if cfg.costs else CostProfile()
-    split = model.config.split_points(cfg.router.depth)
+    split = data.model_config.split_points(cfg.router.depth)
     tier_costs = profile.tier_costs(split)
     all_cloud_cost = profile.all_cloud_cost(split)
     calib_labels, dev_labels = sets["calib"].labels, dev.labels
@@ -192,4 +209,4 @@ def _fmt_policy(p: dict) -> str:
     return ", ".join(f"{k}={'inf' if v is None else f'{v:.3f}'}" for k, v in p.items())
 
 
-__all__ = ["CalibrateConfig", "baselines", "calibrate", "format_table"]
+__all__ = ["CalibrateConfig", "CalibrationData", "baselines", "calibrate", "format_table", "load_calibration_data"]

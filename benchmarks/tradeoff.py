@@ -1,0 +1,473 @@
+"""Accuracy vs cost on a GLUE task: cartosplit against every baseline, with the same model and costs.
+
+``cartosplit bench tradeoff --task sst2`` trains the default model on the task if its run folder does
+not hold a finished run yet (resumable: an interrupted run continues from its last epoch), then:
+
+1. forward passes over the trained subset, the calibration split and dev (cached in the run);
+2. fits the router at every depth r in 0..d for each kind (classifier: logreg and mlp; nearest
+   centroid), and chooses each variant's thresholds on the calibration split;
+3. chooses every baseline's thresholds on the calibration split with the same objective;
+4. evaluates all of them on dev, draws the accuracy-vs-cost frontier (each method calibrated for a
+   series of allowed drops, then evaluated on dev) and merges the task into
+   ``benchmarks/results/tradeoff.{json,md}``, with ``tradeoff-<task>.{json,png}`` beside them.
+
+Which cartosplit variant is the headline row is also decided on the calibration split, never on dev:
+each variant's thresholds are tuned on one half of it and judged on the other half; the cheapest
+variant within the allowed drop there wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.baselines import (
+    exit_scores,
+    matthews_corr,
+    patience_tiers,
+    random_tiers,
+    search_shared_threshold,
+    shared_threshold_tiers,
+)
+from device_runtime.costs import TIER_CLOUD_DIRECT, TIER_DEVICE, TIER_EDGE, TIER_NAMES, CostProfile
+from device_runtime.policy import (
+    ExitSignals,
+    Objective,
+    Policy,
+    answers,
+    evaluate_policy,
+    oracle_tiers,
+    route,
+    search_policy,
+)
+
+TASKS = ("sst2", "mrpc", "rte", "cola")
+# Full training sets except SST-2, capped so that four tasks train in about an hour on two CPU cores.
+TASK_SETTINGS = {
+    "sst2": {"train_size": 20000, "calib_size": 2000, "epochs": 3, "batch_size": 32},
+    "mrpc": {"train_size": None, "calib_size": 600, "epochs": 3, "batch_size": 16},
+    "rte": {"train_size": None, "calib_size": 400, "epochs": 3, "batch_size": 16},
+    "cola": {"train_size": None, "calib_size": 1500, "epochs": 3, "batch_size": 32},
+}
+METRIC = {"sst2": "accuracy", "mrpc": "accuracy", "rte": "accuracy", "cola": "mcc"}
+FRONTIER_DROPS = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 100.0)
+TRAINING_KEYS = ("model", "train_size", "calib_size", "epochs", "batch_size", "lr", "max_length", "seed")
+
+
+def ensure_trained(task: str, run: Path, args: argparse.Namespace) -> None:
+    """Train the task's run unless it has finished; continue an interrupted one."""
+    from export.train import RUN_FILE, TrainConfig, train
+
+    info = json.loads((run / RUN_FILE).read_text()) if (run / RUN_FILE).is_file() else {}
+    if info.get("status") in ("trained", "calibrated"):
+        return
+    if args.no_train:
+        raise SystemExit(f"{run} holds no finished run and --no-train was given")
+    settings = dict(TASK_SETTINGS[task])
+    if args.train_size is not None:
+        settings["train_size"] = None if args.train_size == "all" else int(args.train_size)
+    if args.epochs is not None:
+        settings["epochs"] = args.epochs
+    cfg = TrainConfig(
+        task=task,
+        out=str(run),
+        data_dir=args.data_dir,
+        threads=args.threads,
+        **({"model": args.model} if args.model else {}),
+        **settings,
+    )
+    print(f"training {task} into {run} ({settings})", file=sys.stderr)
+    train(cfg, resume=bool(info), log=lambda m: print(m, file=sys.stderr))
+
+
+def score_tiers(
+    tiers: np.ndarray, predictions: np.ndarray, labels: np.ndarray, tier_costs: np.ndarray, metric: str
+) -> dict:
+    """Accuracy (and MCC), mean cost and shares of one routing of the dev set."""
+    n = len(labels)
+    counts = np.bincount(tiers, minlength=4) / n
+    row = {
+        "accuracy": float((predictions == labels).mean()),
+        "cost": float(tier_costs[tiers].mean()),
+        "share": {
+            "device": float(counts[TIER_DEVICE]),
+            "edge": float(counts[TIER_EDGE]),
+            "cloud": float(counts[2] + counts[TIER_CLOUD_DIRECT]),
+            "cloud_direct": float(counts[TIER_CLOUD_DIRECT]),
+        },
+    }
+    if metric == "mcc":
+        row["mcc"] = matthews_corr(predictions, labels)
+    return row
+
+
+def relative_to(row: dict, reference: dict, metric: str) -> dict:
+    row["cost_reduction"] = 1.0 - row["cost"] / reference["cost"]
+    row["acc_drop_pt"] = 100.0 * (reference[metric] - row[metric])
+    return row
+
+
+def _routed(tiers: np.ndarray, signals: ExitSignals, labels, tier_costs, metric: str) -> dict:
+    return score_tiers(tiers, answers(tiers, signals), labels, tier_costs, metric)
+
+
+def selection_score(signals: ExitSignals, labels: np.ndarray, costs: np.ndarray, objective: Objective) -> dict:
+    """Thresholds tuned on half of the calibration split, scored on the other half.
+
+    Choosing the variant by the same samples its thresholds were tuned on favours the variant that
+    overfits them most; the held-out half does not.
+    """
+    order = np.random.default_rng(0).permutation(len(labels))
+    tune, judge = order[: len(order) // 2], order[len(order) // 2 :]
+    found = search_policy(signals.subset(tune), labels[tune], costs, objective, use_router=True)
+    outcome = evaluate_policy(found.policy, signals.subset(judge), labels[judge], costs)
+    reference = float((signals.predictions()[2][judge] == labels[judge]).mean())
+    feasible = outcome.accuracy >= reference - objective.max_drop / 100.0 - 1e-12
+    return {"accuracy": outcome.accuracy, "cost": outcome.mean_cost, "reference": reference, "feasible": feasible}
+
+
+def selection_key(selection: dict) -> tuple:
+    """Feasible first, then cheapest, then most accurate."""
+    return (not selection["feasible"], selection["cost"], -selection["accuracy"])
+
+
+def _policy_row(policy: Policy, signals: ExitSignals, labels, tier_costs, metric: str) -> dict:
+    return _routed(route(policy, signals), signals, labels, tier_costs, metric)
+
+
+def evaluate_task(task: str, run: Path, profile: CostProfile, args: argparse.Namespace) -> dict:
+    """Every method on the task's dev set, thresholds from the calibration split."""
+    from export.calibrate import load_calibration_data
+    from export.router import RouterConfig, fit_router, router_probs
+
+    data = load_calibration_data(run)
+    metric = METRIC.get(task, "accuracy")
+    labels = {name: data.sets[name].labels for name in ("calib", "dev")}
+    probs = {name: data.forward[name][0] for name in ("calib", "dev")}
+    plain = {name: ExitSignals(*probs[name]) for name in ("calib", "dev")}
+    objective = Objective("max-drop", args.max_drop)
+    split0 = data.model_config.split_points(0)
+    all_cloud_cost = profile.all_cloud_cost(split0)
+    n_dev = len(labels["dev"])
+    dev_preds = plain["dev"].predictions()
+    # device/edge/cloud-via-edge costs do not depend on the router depth; cloud-direct does
+    costs_r0 = profile.tier_costs(split0)
+
+    all_cloud = score_tiers(np.full(n_dev, TIER_CLOUD_DIRECT), dev_preds[2], labels["dev"], costs_r0, metric)
+    all_cloud["cost"] = all_cloud_cost  # raw tokens to the cloud: nothing runs on the device
+    methods: dict[str, dict] = {}
+    methods["all_edge"] = _routed(np.full(n_dev, TIER_EDGE), plain["dev"], labels["dev"], costs_r0, metric)
+    methods["all_device"] = _routed(np.full(n_dev, TIER_DEVICE), plain["dev"], labels["dev"], costs_r0, metric)
+
+    for kind in ("confidence", "entropy"):
+        threshold, _ = search_shared_threshold(plain["calib"], labels["calib"], costs_r0, objective, kind)
+        tiers = shared_threshold_tiers(*exit_scores(plain["dev"], kind), threshold)
+        methods[f"{kind}_exit"] = _routed(tiers, plain["dev"], labels["dev"], costs_r0, metric)
+        methods[f"{kind}_exit"]["threshold"] = threshold
+    methods["patience"] = _routed(patience_tiers(plain["dev"], 1), plain["dev"], labels["dev"], costs_r0, metric)
+    methods["patience"]["patience"] = 1
+    cascade = search_policy(plain["calib"], labels["calib"], costs_r0, objective, use_router=False)
+    methods["dimee_thresholds"] = _policy_row(cascade.policy, plain["dev"], labels["dev"], costs_r0, metric)
+    methods["dimee_thresholds"]["policy"] = cascade.policy.to_dict()
+
+    variants, routed_signals = {}, {}
+    for kind in args.routers:
+        for depth in args.depths:
+            if depth > data.model_config.device_split:
+                continue
+            name = f"cartosplit_{kind}_r{depth}"
+            started = time.time()
+            router, report = fit_router(data.forward["train"][1][depth], data.groups, RouterConfig(kind, depth))
+            signals = {
+                s: ExitSignals(*probs[s], router_probs(router, data.forward[s][1][depth])) for s in ("calib", "dev")
+            }
+            costs = profile.tier_costs(data.model_config.split_points(depth))
+            found = search_policy(signals["calib"], labels["calib"], costs, objective, use_router=True)
+            row = _policy_row(found.policy, signals["dev"], labels["dev"], costs, metric)
+            row["selection"] = selection_score(signals["calib"], labels["calib"], costs, objective)
+            row.update(
+                router={
+                    "kind": kind,
+                    "depth": depth,
+                    "holdout_accuracy": report.holdout_accuracy,
+                    "majority_accuracy": report.majority_accuracy,
+                },
+                policy=found.policy.to_dict(),
+                uses_router=found.policy.uses_router,
+                calib={"accuracy": found.outcome.accuracy, "cost": found.outcome.mean_cost},
+                seconds=round(time.time() - started, 1),
+            )
+            variants[name] = row
+            routed_signals[name] = (signals, costs)
+    # the headline variant: tuned on one half of the calibration split, judged on the other (never dev)
+    headline = min(variants, key=lambda v: selection_key(variants[v]["selection"]))
+    methods["cartosplit"] = {**variants[headline], "variant": headline}
+    methods.update(variants)
+
+    draws = random_tiers(_route_shares(methods[headline]["policy"], routed_signals[headline][0]["dev"]), n_dev)
+    head_costs = routed_signals[headline][1]
+    rows = [_routed(t, plain["dev"], labels["dev"], head_costs, metric) for t in draws]
+    methods["random_routing"] = {
+        "accuracy": float(np.mean([r["accuracy"] for r in rows])),
+        "accuracy_std": float(np.std([r["accuracy"] for r in rows])),
+        "cost": float(np.mean([r["cost"] for r in rows])),
+        "share": {k: float(np.mean([r["share"][k] for r in rows])) for k in rows[0]["share"]},
+        "draws": len(rows),
+        "same_shares_as": headline,
+    }
+    if metric == "mcc":
+        methods["random_routing"]["mcc"] = float(np.mean([r["mcc"] for r in rows]))
+    oracle_t, oracle_answer = oracle_tiers(plain["dev"], labels["dev"])
+    methods["oracle"] = score_tiers(oracle_t, oracle_answer, labels["dev"], costs_r0, metric)
+    methods["oracle"]["upper_bound"] = True
+    for row in methods.values():
+        relative_to(row, all_cloud, metric)
+
+    frontier = frontier_points(plain, labels, routed_signals[headline], costs_r0, all_cloud, metric)
+    return {
+        "metric": metric,
+        "all_cloud": all_cloud,
+        "methods": methods,
+        "headline_variant": headline,
+        "split": [data.model_config.device_split, data.model_config.edge_split, data.model_config.num_layers],
+        "frontier": frontier,
+        "samples": {"train": len(data.groups), "calib": len(labels["calib"]), "dev": n_dev},
+        "dev_exit_accuracy": {
+            name: float((dev_preds[k] == labels["dev"]).mean()) for k, name in enumerate(("device", "edge", "final"))
+        },
+        "groups": {g: float((data.groups == i).mean()) for i, g in enumerate(("easy", "medium", "hard"))},
+        "training": {k: v for k, v in asdict(data.train_config).items() if k in TRAINING_KEYS},
+        "objective": asdict(objective),
+        "cost_profile": profile.to_dict(),
+    }
+
+
+def _route_shares(policy: dict, signals: ExitSignals) -> dict[str, float]:
+    """Dev shares per route of a policy (cloud direct and cloud via edge kept apart)."""
+    tiers = route(Policy.from_dict(policy), signals)
+    counts = np.bincount(tiers, minlength=len(TIER_NAMES)) / len(tiers)
+    return dict(zip(TIER_NAMES, counts.tolist(), strict=True))
+
+
+def frontier_points(plain, labels, headline, costs_r0, all_cloud, metric) -> dict[str, list[dict]]:
+    """Dev (cost, metric) of each tunable method calibrated for each allowed drop in FRONTIER_DROPS."""
+    signals, head_costs = headline
+    curves: dict[str, list[dict]] = {"confidence_exit": [], "dimee_thresholds": [], "cartosplit": []}
+    for drop in FRONTIER_DROPS:
+        objective = Objective("max-drop", drop)
+        threshold, _ = search_shared_threshold(plain["calib"], labels["calib"], costs_r0, objective, "confidence")
+        tiers = shared_threshold_tiers(*exit_scores(plain["dev"], "confidence"), threshold)
+        points = {"confidence_exit": _routed(tiers, plain["dev"], labels["dev"], costs_r0, metric)}
+        cascade = search_policy(plain["calib"], labels["calib"], costs_r0, objective, use_router=False)
+        points["dimee_thresholds"] = _policy_row(cascade.policy, plain["dev"], labels["dev"], costs_r0, metric)
+        found = search_policy(signals["calib"], labels["calib"], head_costs, objective, use_router=True)
+        points["cartosplit"] = _policy_row(found.policy, signals["dev"], labels["dev"], head_costs, metric)
+        for name, row in points.items():
+            curves[name].append({"max_drop_calib": drop, **relative_to(row, all_cloud, metric)})
+    return curves
+
+
+# Rows of the summary table, in reading order; the router variants follow in their own table.
+TABLE_ROWS = (
+    ("cartosplit", "cartosplit (router + thresholds)"),
+    ("dimee_thresholds", "DIMEE-style thresholds, no router"),
+    ("confidence_exit", "confidence (max-softmax) exit"),
+    ("entropy_exit", "entropy exit (DeeBERT)"),
+    ("patience", "patience (PABEE, t=1)"),
+    ("random_routing", "random routing, same shares"),
+    ("all_edge", "all-edge"),
+    ("all_device", "all-device"),
+    ("oracle", "oracle (upper bound)"),
+)
+BASELINES = tuple(name for name, _ in TABLE_ROWS if name not in ("cartosplit", "oracle"))
+
+
+def best_baseline(task: dict) -> str:
+    """The baseline with the largest cost cut within the same accuracy drop as cartosplit (else least drop)."""
+    methods = task["methods"]
+    limit = max(methods["cartosplit"]["acc_drop_pt"], 0.5)
+    within = [b for b in BASELINES if methods[b]["acc_drop_pt"] <= limit + 1e-9]
+    if within:
+        return max(within, key=lambda b: methods[b]["cost_reduction"])
+    return min(BASELINES, key=lambda b: methods[b]["acc_drop_pt"])
+
+
+def _fmt_row(label: str, row: dict, metric: str) -> str:
+    s = row["share"]
+    value = row[metric]
+    extra = f" ± {row['accuracy_std']:.4f}" if "accuracy_std" in row and metric == "accuracy" else ""
+    return (
+        f"| {label} | {value:.4f}{extra} | {row['acc_drop_pt']:+.2f} | {row['cost']:.3f} | "
+        f"{100 * row['cost_reduction']:.1f} % | {100 * s['device']:.0f} / {100 * s['edge']:.0f} / "
+        f"{100 * s['cloud']:.0f} % |"
+    )
+
+
+def markdown(report: dict) -> list[str]:
+    lines = [
+        "# Accuracy vs cost on GLUE dev sets",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}  ",
+        f"Model: {report['model']}, split (device/edge/total layers) {report['split']}",
+        "",
+        "Thresholds of every method are chosen on a calibration split carved from the training file "
+        "(never on dev), with one objective for all: the lowest mean cost whose calibration accuracy is "
+        "within 0.5 pt of all-cloud's. Cost: the profile named per task (default: the unit convention of "
+        "docs/method.md). `drop` is in points of the task's metric, positive = worse than all-cloud; `cut` "
+        "is the cost reduction vs all-cloud. The paper's claim to beat: > 43 % cut at < 0.5 pt drop.",
+    ]
+    for name, task in report["tasks"].items():
+        metric = task["metric"]
+        ac = task["all_cloud"]
+        tr = task["training"]
+        lines += [
+            "",
+            f"## {name} ({metric}; dev {task['samples']['dev']}, calibration {task['samples']['calib']}, "
+            f"trained on {task['samples']['train']} × {tr['epochs']} epochs)",
+            "",
+            f"All-cloud: {metric} {ac[metric]:.4f}, cost {ac['cost']:.3f}. Dev exit accuracy device/edge/final: "
+            + "/".join(f"{v:.3f}" for v in task["dev_exit_accuracy"].values())
+            + ". Cartography groups easy/medium/hard: "
+            + "/".join(f"{100 * v:.0f}" for v in task["groups"].values())
+            + f" %. Headline variant (tuned on half the calibration split, chosen on the other half): "
+            f"`{task['headline_variant']}`; "
+            f"best baseline at that drop: `{best_baseline(task)}`.",
+            "",
+            f"| method | {metric} | drop (pt) | cost | cut | device / edge / cloud |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [_fmt_row(label, task["methods"][key], metric) for key, label in TABLE_ROWS]
+        lines += [
+            "",
+            "Router variants (each with its own thresholds from the calibration split; `router` = the margins "
+            "calibration kept it on, else the policy is the cascade):",
+            "",
+            f"| variant | router held-out acc (majority) | router | {metric} | drop (pt) | cut "
+            "| device / edge / cloud |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key, row in task["methods"].items():
+            if not key.startswith("cartosplit_"):
+                continue
+            s, r = row["share"], row["router"]
+            lines.append(
+                f"| {key} | {r['holdout_accuracy']:.3f} ({r['majority_accuracy']:.3f}) | "
+                f"{'on' if row['uses_router'] else 'off'} | {row[metric]:.4f} | {row['acc_drop_pt']:+.2f} | "
+                f"{100 * row['cost_reduction']:.1f} % | {100 * s['device']:.0f} / {100 * s['edge']:.0f} / "
+                f"{100 * s['cloud']:.0f} % |"
+            )
+        lines += ["", f"![{name} frontier](tradeoff-{name}.png)"]
+    return lines
+
+
+def plot_frontier(name: str, task: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = task["metric"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for curve, points in task["frontier"].items():
+        pts = sorted(points, key=lambda p: p["cost"])
+        ax.plot([p["cost"] for p in pts], [p[metric] for p in pts], marker="o", ms=3, label=curve)
+    markers = {"all_edge": "s", "all_device": "v", "patience": "P", "random_routing": "x", "oracle": "*"}
+    for key, marker in markers.items():
+        row = task["methods"][key]
+        ax.scatter(row["cost"], row[metric], marker=marker, s=60, label=key, zorder=3)
+    ac = task["all_cloud"]
+    ax.scatter(ac["cost"], ac[metric], marker="D", s=60, color="black", label="all_cloud", zorder=3)
+    ax.axhline(ac[metric] - 0.005, color="grey", lw=0.8, ls="--")  # the paper's 0.5 pt budget
+    ax.set_xlabel(f"mean cost per sample ({task['cost_profile']['unit']})")
+    ax.set_ylabel(f"dev {metric}")
+    ax.set_title(f"{name}: dev {metric} vs cost (thresholds from calibration split)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def merge_report(results: Path, task_name: str, task: dict, command: str, model: str, split: list[int]) -> dict:
+    """Put one task into tradeoff.json, keeping the other tasks' entries (each with its own command)."""
+    from benchmarks.machine import describe_machine
+
+    path = results / "tradeoff.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    tasks = report.get("tasks", {})
+    tasks[task_name] = {**task, "command": command, "machine": describe_machine()}
+    ordered = {t: tasks[t] for t in TASKS if t in tasks} | {t: v for t, v in tasks.items() if t not in TASKS}
+    commands = [ordered[t]["command"] for t in ordered]
+    machines = sorted({ordered[t]["machine"] for t in ordered})
+    return {
+        "command": " && ".join(dict.fromkeys(commands)),
+        "machine": machines[0] if len(machines) == 1 else machines,
+        "model": model,
+        "split": split,
+        "tasks": ordered,
+    }
+
+
+def _csv(kind):
+    return lambda text: tuple(kind(x) for x in text.split(",") if x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cartosplit bench tradeoff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--task", required=True, choices=(*TASKS, "all"), help="GLUE task, or all four in turn")
+    parser.add_argument("--run", help="run folder (default: runs/bench/<task>); trained here if not finished")
+    parser.add_argument("--data-dir", help="GLUE folder (default: the usual resolution)")
+    parser.add_argument("--model", help="HF BERT id or folder (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--train-size", help="override the task's training cap ('all' = every sample)")
+    parser.add_argument("--epochs", type=int, help="override the task's epochs")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--no-train", action="store_true", help="fail instead of training a missing run")
+    parser.add_argument("--costs", help="JSON cost profile (default: the unit convention)")
+    parser.add_argument("--max-drop", type=float, default=0.5, help="allowed calibration drop in points")
+    parser.add_argument("--routers", type=_csv(str), default=("logreg", "mlp", "centroid"), help="router kinds")
+    parser.add_argument("--depths", type=_csv(int), default=(0, 1, 2), help="router depths r")
+    parser.add_argument("--out", default="benchmarks/results", help="results folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    from benchmarks.report import write_report
+
+    profile = CostProfile.from_json(args.costs) if args.costs else CostProfile()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for task_name in TASKS if args.task == "all" else (args.task,):
+        run = Path(args.run) if args.run and args.task != "all" else Path("runs/bench") / task_name
+        started = time.time()
+        ensure_trained(task_name, run, args)
+        task = evaluate_task(task_name, run, profile, args)
+        task["seconds"] = round(time.time() - started, 1)
+        argv_task = [a if a != "all" else task_name for a in (argv if argv is not None else sys.argv[1:])]
+        command = shlex.join(["cartosplit", "bench", "tradeoff", *argv_task])
+        info = json.loads((run / "run.json").read_text())
+        model = info["config"]["model"]
+        report = merge_report(out, task_name, task, command, model, task["split"])
+        plot_frontier(task_name, report["tasks"][task_name], out / f"tradeoff-{task_name}.png")
+        (out / f"tradeoff-{task_name}.json").write_text(json.dumps(report["tasks"][task_name], indent=2) + "\n")
+        write_report(
+            {k: v for k, v in report.items() if k not in ("command", "machine")},
+            out / "tradeoff",
+            report["command"],
+            markdown,
+        )
+        summary = report["tasks"][task_name]
+        head, base = summary["methods"]["cartosplit"], summary["methods"][best_baseline(summary)]
+        print(
+            f"{task_name}: cartosplit {summary['metric']} drop {head['acc_drop_pt']:+.2f} pt, cut "
+            f"{100 * head['cost_reduction']:.1f} % ({summary['headline_variant']}); best baseline "
+            f"{best_baseline(summary)} drop {base['acc_drop_pt']:+.2f} pt, cut {100 * base['cost_reduction']:.1f} %"
+        )
+    return 0
