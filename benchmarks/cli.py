@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "e2e": ("benchmarks.e2e", "device, edge and cloud processes over emulated network links"),
     "fuzz": ("benchmarks.fuzz_server", "malformed requests against live servers"),
     "load": ("benchmarks.load", "many concurrent device runtimes against live servers"),
+    "cloud-scale": ("benchmarks.cloud_scale", "the cloud tier plain vs on Ray Serve (1, 2 replicas): latency, memory"),
 }
 
 

@@ -413,15 +413,21 @@ class RayBackend:
         if ray.is_initialized():  # the hosting process (a test, a notebook) already joined one: use it as is
             mode = "existing"
         elif self.address is not None:
-            ray.init(address=self.address, **quiet)
+            try:
+                ray.init(address=self.address, **quiet)
+            except Exception as exc:
+                raise OSError(f"cannot join the Ray cluster at {self.address}: {type(exc).__name__}: {exc}") from None
             self._connected, mode = True, "joined"
         else:
-            ray.init(
-                num_cpus=self.settings.local_num_cpus or os.cpu_count(),
-                include_dashboard=False,
-                object_store_memory=self.settings.object_store_mib * 1024 * 1024,
-                **quiet,
-            )
+            try:
+                ray.init(
+                    num_cpus=self.settings.local_num_cpus or os.cpu_count(),
+                    include_dashboard=False,
+                    object_store_memory=self.settings.object_store_mib * 1024 * 1024,
+                    **quiet,
+                )
+            except Exception as exc:  # e.g. "the current node timed out during startup" on a starved machine
+                raise OSError(f"cannot start a local Ray: {type(exc).__name__}: {exc}") from None
             self._started_ray, mode = True, "started"
         log_event(logging.INFO, "ray_connected", mode=mode, address=self.address or "local")
 
