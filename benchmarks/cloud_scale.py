@@ -240,11 +240,18 @@ def _memory_kib(pid: int) -> tuple[int, int] | None:
 
 
 def _name(pid: int) -> str:
+    """The program: argv[0], or for ``python [-u] script.py`` the script (Ray runs several of those)."""
     try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
     except OSError:
         return "?"
-    return cmd.rsplit("/", 1)[-1][:40] or "?"
+    if not argv:
+        return "?"
+    program = argv[0].rsplit("/", 1)[-1]
+    if program.startswith("python"):
+        script = next((a for a in argv[1:] if a.endswith(".py")), None)
+        program = script.rsplit("/", 1)[-1] if script else program
+    return program[:40]
 
 
 def idle_memory(server_pid: int) -> dict:
@@ -417,7 +424,8 @@ def slice_name(bundle, entry: str, graph: str) -> str:
     model = bundle.manifest["model"]
     split = bundle.split_points
     layers = split["total"] if entry == "tokens" else split["total"] - split["edge"]
-    short = Path(str(model["id"])).name
+    # a hub id names the model; a local path (the tiny test model) does not, so name the bundle instead
+    short = Path(str(model["id"])).name if not Path(str(model["id"])).is_absolute() else Path(bundle.folder).name
     return f"{short} {graph} ({layers} layers x {model['hidden_size']})"
 
 
