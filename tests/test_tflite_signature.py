@@ -2,7 +2,8 @@
 
 The table is parsed out of the guide itself, so the guide and the exported artifacts cannot drift apart:
 change what the exporter writes and this test names the row of the guide to update. The tiny random BERT
-bundle is exported with both TFLite precisions at two buckets (16, 32).
+bundle is exported with both TFLite precisions at two buckets (16, 32). The guide's tokenizer (the Kotlin
+example's, ported to Python in docs/android/wordpiece_check.py) is checked against `tokenizers`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-pytest.importorskip("litert_torch", reason="TFLite export needs litert-torch: pip install 'cartosplit[tflite]'")
 
 from device_runtime.bundle import TFLITE_FP32, TFLITE_INT8, load_bundle
 
@@ -49,6 +48,7 @@ def resolve_shape(symbolic: str, sizes: dict[str, int]) -> tuple[int, ...]:
 @pytest.fixture(scope="module")
 def tflite_bundle(calibrated_run, tmp_path_factory) -> Path:
     """The tiny calibrated run exported to TFLite only (fp32 and int8, buckets 16 and 32)."""
+    pytest.importorskip("litert_torch", reason="TFLite export needs litert-torch: pip install 'cartosplit[tflite]'")
     from export.bundle_writer import ExportConfig, export_bundle
 
     out = tmp_path_factory.mktemp("tflite-bundle") / "tiny"
@@ -155,3 +155,30 @@ def test_every_manifest_field_the_guide_names_exists(tflite_bundle):
             assert isinstance(node, dict) and key in node, f"docs/android.md names manifest field {path!r}: missing"
             node = node[key]
     assert manifest["router"]["groups"] == ["easy", "medium", "hard"]  # the order the guide's policy steps use
+
+
+def test_the_guides_wordpiece_gives_the_ids_tokenizers_gives(tiny_model):
+    import importlib.util
+
+    from device_runtime.text import encode, load_tokenizer
+
+    path = GUIDE.parent / "android" / "wordpiece_check.py"
+    spec = importlib.util.spec_from_file_location("wordpiece_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokenizer_json = tiny_model / "tokenizer.json"
+    guide = module.GuideWordPiece(tokenizer_json, max_length=12)
+    reference = load_tokenizer(tokenizer_json, 12)
+    texts = [
+        "the movie was very good",
+        "The MOVIE was Very-good!!",  # case, punctuation as words of their own
+        "naïve fílm, résumé: supérb",  # accents stripped after NFD
+        "日本 good 映画",  # CJK characters split apart, unknown -> [UNK]
+        "a\u00a0film\u2003is\tgood\nbad",  # non-breaking and em spaces, tab, newline
+        "ctrl\x07bad\u200bdull",  # control and format characters dropped
+        "goodbad superbgood",  # no continuation pieces in the tiny vocab: [UNK]
+        "x" * 150,  # over 100 characters: [UNK]
+        "good " * 20,  # truncated to max_length with [SEP] kept
+    ]
+    for text in texts:
+        assert guide.encode(text) == encode(reference, [text])[0][0], text
