@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "latency": ("benchmarks.latency", "device/edge/cloud slice latency per runtime, batch and length"),
     "bytes": ("benchmarks.wire_bytes", "bytes per offloaded sample per activation encoding, accuracy change"),
     "e2e": ("benchmarks.e2e", "device, edge and cloud processes over emulated network links"),
+    "cost-profile": ("benchmarks.cost_profile", "a measured cost profile (ms, mJ) from the latency and bytes results"),
     "fuzz": ("benchmarks.fuzz_server", "malformed requests against live servers"),
     "load": ("benchmarks.load", "many concurrent device runtimes against live servers"),
     "cloud-scale": ("benchmarks.cloud_scale", "the cloud tier plain vs on Ray Serve (1, 2 replicas): latency, memory"),

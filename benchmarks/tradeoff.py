@@ -50,10 +50,12 @@ from device_runtime.policy import (
 
 TASKS = ("sst2", "mrpc", "rte", "cola")
 # Full training sets except SST-2, capped so that four tasks train in about an hour on two CPU cores.
+# RTE (2,090 pairs) gets 8 epochs: after 3 its final exit was still at 0.76 training accuracy and
+# cartography found no easy sample at all (99 % hard), which leaves a router nothing to route.
 TASK_SETTINGS = {
     "sst2": {"train_size": 20000, "calib_size": 2000, "epochs": 3, "batch_size": 32},
     "mrpc": {"train_size": None, "calib_size": 600, "epochs": 3, "batch_size": 16},
-    "rte": {"train_size": None, "calib_size": 400, "epochs": 3, "batch_size": 16},
+    "rte": {"train_size": None, "calib_size": 400, "epochs": 8, "batch_size": 16},
     "cola": {"train_size": None, "calib_size": 1500, "epochs": 3, "batch_size": 32},
 }
 METRIC = {"sst2": "accuracy", "mrpc": "accuracy", "rte": "accuracy", "cola": "mcc"}
@@ -286,16 +288,17 @@ TABLE_ROWS = (
     ("all_device", "all-device"),
     ("oracle", "oracle (upper bound)"),
 )
-BASELINES = tuple(name for name, _ in TABLE_ROWS if name not in ("cartosplit", "oracle"))
+# Random routing is a control (it copies cartosplit's shares), not a competitor.
+BASELINES = tuple(name for name, _ in TABLE_ROWS if name not in ("cartosplit", "oracle", "random_routing"))
 
 
 def best_baseline(task: dict) -> str:
-    """The baseline with the largest cost cut within the same accuracy drop as cartosplit (else least drop)."""
+    """The baseline with the largest cost cut within cartosplit's drop (at least 0.5 pt), else the least drop."""
     methods = task["methods"]
     limit = max(methods["cartosplit"]["acc_drop_pt"], 0.5)
     within = [b for b in BASELINES if methods[b]["acc_drop_pt"] <= limit + 1e-9]
     if within:
-        return max(within, key=lambda b: methods[b]["cost_reduction"])
+        return max(within, key=lambda b: (methods[b]["cost_reduction"], -methods[b]["acc_drop_pt"]))
     return min(BASELINES, key=lambda b: methods[b]["acc_drop_pt"])
 
 
@@ -432,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="override the task's epochs")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-train", action="store_true", help="fail instead of training a missing run")
-    parser.add_argument("--costs", help="JSON cost profile (default: the unit convention)")
+    parser.add_argument(
+        "--costs", "--cost-profile", dest="costs", help="JSON cost profile (default: the unit convention)"
+    )
     parser.add_argument("--max-drop", type=float, default=0.5, help="allowed calibration drop in points")
     parser.add_argument("--routers", type=_csv(str), default=("logreg", "mlp", "centroid"), help="router kinds")
     parser.add_argument("--depths", type=_csv(int), default=(0, 1, 2), help="router depths r")

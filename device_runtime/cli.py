@@ -136,7 +136,13 @@ def _add_calibrate_args(p: argparse.ArgumentParser, with_run: bool) -> None:
         help="layers run before the router decides; 0 = embedding output (default: %(default)s)",
     )
     c = p.add_argument_group("costs and objective")
-    c.add_argument("--costs", help="JSON cost profile (per-layer and per-hop costs); default: unit convention")
+    c.add_argument(
+        "--costs",
+        "--cost-profile",
+        dest="costs",
+        help="JSON cost profile (per-layer and per-hop costs, e.g. from `cartosplit bench cost-profile`); "
+        "default: unit convention",
+    )
     c.add_argument("--objective", choices=("max-drop", "reward"), default="max-drop", help="(default: max-drop)")
     c.add_argument(
         "--max-drop",
