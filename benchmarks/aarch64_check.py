@@ -386,6 +386,14 @@ def compare_outputs(x86: dict, arm: dict, formats: list[str], policy) -> dict:
             "max_abs_diff": diffs,
             "agreement": agreement,
         }
+        fp32 = fmt.replace("int8", "fp32")
+        if fmt.endswith("int8") and fp32 in formats:
+            # int8's own error: against the fp32 graphs of the same format on the same architecture (the
+            # smaller of the two architectures'), the yardstick for the cross-architecture difference
+            report[fmt]["int8_vs_fp32_same_arch"] = {
+                k: min(float(np.abs(side[f"{fmt}/{k}"] - side[f"{fp32}/{k}"]).max()) for side in (x86, arm))
+                for k in diffs
+            }
     return report
 
 
@@ -614,9 +622,18 @@ def _checks(graphs: dict, predictions: dict, service: dict, sizes: dict, arm_env
             out.append(check(f"{fmt}: max abs diff of logits", f"{worst:.2e}", "<= 1e-3", worst <= 1e-3))
             label = min(g["agreement"].values())
             out.append(check(f"{fmt}: label/router/decision agreement", label, "== 1.0", label == 1.0))
-        else:  # int8: activations are quantized at run time, a rounding step apart can move a logit a little
-            worst = max(g["max_abs_diff"][k] for k in ("router_logits", "device_logits"))
-            out.append(check(f"{fmt}: max abs diff of logits", f"{worst:.2e}", "<= 5e-2", worst <= 5e-2))
+        else:
+            # int8 (dynamic): activations are quantized at run time from their own min/max, so a float rounding
+            # difference can move a value across a quantization step; the difference between architectures must
+            # stay below int8's own error against fp32 (the export accepts int8 on label agreement alone)
+            own = g.get("int8_vs_fp32_same_arch")
+            for k in ("router_logits", "device_logits"):
+                cross = g["max_abs_diff"][k]
+                if own is None:
+                    out.append(check(f"{fmt}: max abs diff of {k}", f"{cross:.2e}", "(no fp32 to compare)", True))
+                else:
+                    bound = f"< int8 vs fp32 on one arch ({own[k]:.2e})"
+                    out.append(check(f"{fmt}: max abs diff of {k}", f"{cross:.2e}", bound, cross < own[k]))
             label = min(g["agreement"].values())
             out.append(check(f"{fmt}: label/router/decision agreement", label, ">= 0.95", label >= 0.95))
     for fmt, p in predictions.items():
@@ -686,6 +703,23 @@ def _markdown(report: dict) -> list[str]:
             f"{d['device_logits']:.2e} | {d['hidden_r']:.2e} | {d['hidden_d']:.2e} | {a['device_label']:.3f} | "
             f"{a['router_argmax']:.3f} | {a['device_decision']:.3f} |"
         )
+    own = {
+        fmt: g["int8_vs_fp32_same_arch"] for fmt, g in report["device_graphs"].items() if "int8_vs_fp32_same_arch" in g
+    }
+    if own:
+        lines += [
+            "",
+            "For scale, int8 against fp32 of the same format on one architecture (the quantization's own error, "
+            "max abs diff): "
+            + "; ".join(
+                f"{fmt}: router logits {o['router_logits']:.2e}, device logits {o['device_logits']:.2e}, "
+                f"hidden r {o['hidden_r']:.2e}, hidden d {o['hidden_d']:.2e}"
+                for fmt, o in own.items()
+            )
+            + ". fp32 graphs differ between the architectures by float rounding only; int8 graphs quantize "
+            "activations at run time, so a rounding difference can cross a quantization step, and the difference "
+            "between architectures is bounded by int8's own error instead of an absolute number.",
+        ]
     lines += [
         "",
         "## DeviceRuntime.predict through the host's edge and cloud servers",
