@@ -6,7 +6,7 @@ micro-batch runs: instead of onnxruntime in the front's process, it goes through
 a replica of the tier's deployment (onnxruntime inside, every graph of the tier). A replica batches again
 with ``@serve.batch``: micro-batches (from one front or from several) that share a graph and a sequence
 length are concatenated into one model run. So that they share a length, the front pads each micro-batch
-to a bucket (8, 16, 32, ... up to the bundle's max_length); the attention mask keeps the padding out of
+to a bucket (16, 32, 48, ... up to the bundle's max_length); the attention mask keeps the padding out of
 the answer, and the front's batcher trims hidden-state outputs back to each sample's length.
 
 Ray is an optional extra (``pip install 'cartosplit[ray]'``): nothing else in the kit imports it, and this
@@ -37,7 +37,7 @@ from device_runtime.onnx_backend import OnnxSession
 
 INSTALL_HINT = "pip install 'cartosplit[ray]'"
 APP_PREFIX = "cartosplit"
-SMALLEST_BUCKET = 8
+BUCKET_STEP = 16
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -55,7 +55,7 @@ class RaySettings:
     num_cpus: float = 1.0  # Ray CPUs each replica reserves
     ray_actor_options: dict = field(default_factory=dict)  # anything else for the replica actors (wins)
     intra_op_threads: int | None = 1  # onnxruntime threads per replica (None: the front's --threads)
-    seq_buckets: list[int] | None = None  # sequence-length buckets; default 8, 16, 32, ... max_length
+    seq_buckets: list[int] | None = None  # sequence-length buckets; default 16, 32, 48, ... max_length
     max_in_flight: int | None = None  # micro-batches per graph the front has out at once; default 2/replica
     call_timeout_s: float = 30.0  # a micro-batch not answered by then fails with UNAVAILABLE
     local_num_cpus: int | None = None  # a local Ray (no --ray-address): CPUs it schedules; default all
@@ -156,12 +156,13 @@ class RaySettings:
 
 
 def seq_buckets(max_length: int, buckets: Sequence[int] | None = None) -> list[int]:
-    """Sorted sequence-length buckets ending at ``max_length`` (lengths above max_length never pass the front)."""
+    """Sorted sequence-length buckets ending at ``max_length`` (lengths above max_length never pass the front).
+
+    Default: every BUCKET_STEP tokens. Padding costs compute (a 65-token input in a 128 bucket nearly doubles
+    the model's work), so steps stay fine; fewer, coarser buckets only help replicas merge more micro-batches.
+    """
     if buckets is None:
-        chosen, size = [], SMALLEST_BUCKET
-        while size < max_length:
-            chosen.append(size)
-            size *= 2
+        chosen = list(range(BUCKET_STEP, max_length, BUCKET_STEP))
     else:
         chosen = [b for b in buckets if b < max_length]
     return [*sorted(set(chosen)), max_length]
@@ -208,16 +209,23 @@ def samples_in(micro_batches: list[tuple[str, dict[str, np.ndarray]]]) -> int:
 class SliceRunner:
     """A replica's model work, free of Ray: the tier's graphs in onnxruntime, micro-batches grouped by shape."""
 
-    def __init__(self, bundle_folder: str, fmt: str, graphs: Sequence[str], threads: int | None) -> None:
+    def __init__(
+        self, bundle_folder: str, fmt: str, graphs: Sequence[str], threads: int | None, max_batch_size: int = 0
+    ) -> None:
         bundle = load_bundle(bundle_folder)  # verifies every file's sha256: replicas run what the front checked
         missing = [g for g in graphs if g not in bundle.manifest["graphs"]]
         if missing:
             raise ValueError(f"{bundle_folder}: the bundle has no graphs {missing}")
-        self.bundle_id, self.fmt = bundle.bundle_id, fmt
+        self.bundle_id, self.fmt, self.max_batch_size = bundle.bundle_id, fmt, max_batch_size
         self.sessions = {g: OnnxSession(bundle.graph_file(g, fmt), threads) for g in graphs}
 
     def describe(self) -> dict[str, object]:
-        return {"bundle_id": self.bundle_id, "format": self.fmt, "graphs": sorted(self.sessions)}
+        return {
+            "bundle_id": self.bundle_id,
+            "format": self.fmt,
+            "graphs": sorted(self.sessions),
+            "max_batch_size": self.max_batch_size,
+        }
 
     def run(self, micro_batches: list[tuple[str, dict[str, np.ndarray]]]) -> list[list[np.ndarray]]:
         """One answer per micro-batch; those of one graph and one padded length run as one batch."""
@@ -264,7 +272,7 @@ def slice_deployment() -> Any:
             batch_wait_timeout_s: float,
             threads: int | None,
         ) -> None:
-            self.runner = SliceRunner(bundle_folder, fmt, graphs, threads)
+            self.runner = SliceRunner(bundle_folder, fmt, graphs, threads, max_batch_size)
             self.run_batch.set_max_batch_size(max_batch_size)
             self.run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -367,10 +375,16 @@ class RayBackend:
     name = "ray"
 
     def __init__(
-        self, address: str | None = None, config_file: str | Path | None = None, attach_app: str | None = None
+        self,
+        address: str | None = None,
+        config_file: str | Path | None = None,
+        attach_app: str | None = None,
+        front_max_batch: int = 1,
     ) -> None:
-        self.address, self.attach_app = address, attach_app
+        self.address, self.attach_app, self.front_max_batch = address, attach_app, front_max_batch
         self.settings = RaySettings.from_file(config_file) if config_file is not None else RaySettings()
+        if attach_app is None:
+            self._check_batch_fits(self.settings.max_batch_size, "--ray-config max_batch_size")
         _import_ray()  # fail now, with the install hint, not after the bundle has loaded
         self.app_name: str | None = None
         self._started_ray = False  # we started a local Ray: shut Serve and Ray down on close
@@ -406,6 +420,14 @@ class RayBackend:
             )
             for graph in graphs
         }
+
+    def _check_batch_fits(self, replica_batch: int, source: str) -> None:
+        # a front micro-batch larger than a replica's batch would be refused by @serve.batch on every full batch
+        if self.front_max_batch > replica_batch:
+            raise ValueError(
+                f"--max-batch {self.front_max_batch} is larger than the replicas' batch ({source} {replica_batch}): "
+                "lower --max-batch or raise max_batch_size"
+            )
 
     def _connect(self, ray: Any) -> None:
         quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "namespace": APP_PREFIX}
@@ -471,6 +493,7 @@ class RayBackend:
                 f"the Serve application {self.app_name!r} runs {served.get('graphs')} as {served.get('format')}; "
                 f"this front needs {sorted(graphs)} as {fmt}"
             )
+        self._check_batch_fits(int(served.get("max_batch_size", 0)), f"application {self.app_name!r} max_batch_size")
         log_event(logging.INFO, "ray_attached", app=self.app_name, graphs=sorted(graphs))
         return handle
 

@@ -296,7 +296,7 @@ def open_backend(config: ServerConfig) -> GraphBackend:
     if config.backend == "ray":
         from cloud_server.ray_backend import RayBackend
 
-        return RayBackend(config.ray_address, config.ray_config, config.ray_app)
+        return RayBackend(config.ray_address, config.ray_config, config.ray_app, config.max_batch)
     return LocalBackend()
 
 

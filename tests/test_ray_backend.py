@@ -71,8 +71,9 @@ def test_settings_read_yaml_and_json_and_refuse_unknown_keys(tmp_path):
 
 
 def test_buckets_and_padding():
-    assert seq_buckets(128) == [8, 16, 32, 64, 128]
-    assert seq_buckets(32) == [8, 16, 32]
+    assert seq_buckets(128) == [16, 32, 48, 64, 80, 96, 112, 128]
+    assert seq_buckets(32) == [16, 32]
+    assert seq_buckets(40) == [16, 32, 40]
     assert seq_buckets(100, [48, 16, 200]) == [16, 48, 100]
     assert [bucket_for(n, [8, 16, 32]) for n in (1, 8, 9, 32)] == [8, 8, 16, 32]
     with pytest.raises(ValueError):
@@ -81,6 +82,17 @@ def test_buckets_and_padding():
     padded = pad_to(hidden, 8)
     assert padded.shape == (2, 8, 3) and padded[:, 5:].sum() == 0 and padded[:, :5].sum() == 30
     assert pad_to(np.ones((2, 5), dtype=np.int64), 8)[:, 5:].sum() == 0
+
+
+def test_a_front_batch_larger_than_the_replicas_batch_is_refused(tmp_path):
+    pytest.importorskip("ray")
+    from cloud_server.ray_backend import RayBackend
+
+    config = tmp_path / "ray.yaml"
+    config.write_text("max_batch_size: 8\n")
+    with pytest.raises(ValueError, match="--max-batch 16 is larger than the replicas' batch"):
+        RayBackend(config_file=config, front_max_batch=16)
+    RayBackend(config_file=config, front_max_batch=8)  # equal is fine; nothing starts until open_graphs
 
 
 def test_ray_flags_need_the_ray_backend(bundle):
@@ -134,7 +146,7 @@ def servers(loaded, ray_config):
 
 @pytest.fixture(scope="module")
 def samples(ref: Reference) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(tokens, hidden at d) over lengths that land in every bucket (8, 16, 32)."""
+    """(tokens, hidden at d) over lengths that land in both buckets (16, 32) and on their edges."""
     rng = np.random.default_rng(0)
     lengths = [2, 3, 5, 8, 9, 13, 16, 17, 21, 30, ref.max_length, 7, 4]
     return [(ids, ref.hidden(ids, ref.d)) for ids in (ref.tokens(rng, n) for n in lengths)]
