@@ -81,6 +81,10 @@ def _write_atomic(data: bytes, path: Path, check=None) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        # mkstemp makes the file 0600; a bundle is copied to devices and read by a service user
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         if check is not None:
             check(Path(tmp))
         os.replace(tmp, path)
