@@ -477,8 +477,8 @@ def markdown(report: dict) -> list[str]:
             f"A front's ceiling, measured as the best throughput on the smallest slice ({est['front_slice']}), "
             f"where the model costs least: plain {est['front_plain_rps']} answers/s, Ray-backed "
             f"{est['front_ray_rps']} answers/s (a lower bound: the load generator shares the cores). One replica's "
-            "rate: the slice alone on one thread at the largest batch. Their ratio is how many 1-CPU replicas one "
-            "front can keep busy; below 1 the front, not the model, limits the tier.",
+            "rate: the slice alone on one thread, its best over the batch sizes measured. Their ratio is how many "
+            "1-CPU replicas one front can keep busy; below 1 the front, not the model, limits the tier.",
             "",
             "| slice | one replica, samples/s | replicas one Ray-backed front feeds | plain-front equivalent |",
             "|---|---:|---:|---:|",
@@ -535,7 +535,7 @@ def scaling_estimate(points: list[dict], compute: list[dict]) -> dict:
 
     Front ceiling: the best throughput on the smallest slice measured, where the model costs least and the
     front's own work (gRPC, decode, checks, batching, for Ray also the handle call) dominates; the client shares
-    the cores, so it is a lower bound. Replica rate: the slice alone on one thread at the largest batch.
+    the cores, so it is a lower bound. Replica rate: the slice alone on one thread, best over the batch sizes.
     """
     if not points:
         return {}
