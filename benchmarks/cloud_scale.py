@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import threading
@@ -36,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from device_runtime.cli import comma_list
 
 DEFAULT_CONFIGS = ("plain-t1", "plain-t2", "ray-r1", "ray-r2")
 READY = re.compile(r"serving .* on (\S+:\d+)\s*$")
@@ -591,10 +592,6 @@ def derive(points: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------------- main
 
 
-def _csv(kind):
-    return lambda text: [kind(x) for x in text.split(",") if x]
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="cartosplit bench cloud-scale",
@@ -604,16 +601,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--bundle", action="append", default=[], help="a bundle folder (repeat for more)")
     parser.add_argument("--tiny", metavar="DIR", help="also a tiny random bundle, built into DIR if missing")
-    parser.add_argument("--entries", type=_csv(str), default=["tokens", "hidden"], help="tokens,hidden (default both)")
-    parser.add_argument("--configs", type=_csv(str), default=list(DEFAULT_CONFIGS), help="plain-tN / ray-rN list")
-    parser.add_argument("--concurrency", type=_csv(int), default=[1, 8, 32], help="clients (default 1,8,32)")
+    parser.add_argument(
+        "--entries", type=comma_list(str), default=["tokens", "hidden"], help="tokens,hidden (default both)"
+    )
+    parser.add_argument("--configs", type=comma_list(str), default=list(DEFAULT_CONFIGS), help="plain-tN / ray-rN list")
+    parser.add_argument("--concurrency", type=comma_list(int), default=[1, 8, 32], help="clients (default 1,8,32)")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per point (default 10)")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured seconds before each point")
     parser.add_argument("--format", dest="fmt", default="onnx-int8", help="server graph format (default onnx-int8)")
     parser.add_argument("--max-batch", type=int, default=16, help="front batch size (server default 16)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="front batch window (server default 5)")
     parser.add_argument("--pool", type=int, default=512, help="distinct requests per entry (default 512)")
-    parser.add_argument("--compute-batches", type=_csv(int), default=[1, 8, 32], help="slice-alone batch sizes")
+    parser.add_argument("--compute-batches", type=comma_list(int), default=[1, 8, 32], help="slice-alone batch sizes")
     parser.add_argument("--compute-seconds", type=float, default=2.0, help="seconds per slice-alone batch size")
     parser.add_argument("--local-cpus", type=int, default=os.cpu_count() or 2, help="CPUs a local Ray schedules")
     parser.add_argument("--data-dir", help="GLUE folder (default /work/shared/data/glue); else random ids")
@@ -630,7 +629,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    from benchmarks.report import write_report
+    from benchmarks.report import bench_command, write_report
     from cloud_server.ray_backend import ray_is_installed
     from device_runtime.bundle import load_bundle
 
@@ -715,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         "lifecycle_s": lifecycle,
         "failures": failures,
     }
-    command = "cartosplit bench cloud-scale " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = bench_command("cloud-scale", argv)
     write_report(report, args.out, command, markdown)
     print(f"[cloud-scale] wrote {args.out}.json and .md", file=sys.stderr)
     return 0

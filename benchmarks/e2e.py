@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -43,7 +42,8 @@ import numpy as np
 
 from benchmarks.e2e_device import MODES
 from benchmarks.netem import LINK_NAMES, Network, check_links, links_from_args, make_network
-from benchmarks.report import write_report
+from benchmarks.report import bench_command, write_report
+from device_runtime.cli import positive_int
 
 DEFAULT_BUNDLE = "bundles/sst2-4k-all"
 DEFAULT_OUT = "benchmarks/results/e2e"
@@ -377,13 +377,6 @@ def _modes(text: str) -> tuple[str, ...]:
     return modes
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cartosplit bench e2e", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -391,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default=DEFAULT_BUNDLE, help="bundle folder (default: %(default)s)")
     p.add_argument("--data-dir", help="GLUE folder (default: the usual resolution, ../shared/data/glue first)")
     p.add_argument("--dev-file", help="labelled CSV/JSONL to use instead of the GLUE dev set")
-    p.add_argument("--limit", type=_positive_int, default=300, help="first N dev inputs (default: %(default)s)")
+    p.add_argument("--limit", type=positive_int, default=300, help="first N dev inputs (default: %(default)s)")
     p.add_argument(
         "--link",
         action="append",
@@ -402,12 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shaper", choices=("auto", "netns", "inprocess"), default="auto", help="(default: auto)")
     p.add_argument("--netns-prefix", help="namespace names <prefix>-device/-edge/-cloud (default: cs-<random>)")
     p.add_argument("--modes", type=_modes, default=MODES, help="comma-separated (default: all three)")
-    p.add_argument("--clients", type=_positive_int, default=8, help="device clients of the concurrent pass")
+    p.add_argument("--clients", type=positive_int, default=8, help="device clients of the concurrent pass")
     p.add_argument("--warmup", type=int, default=5, help="inputs per client before measuring (default: 5)")
     p.add_argument("--device-format", default="onnx-int8", help="(default: %(default)s)")
     p.add_argument("--server-format", default="onnx-fp32", help="(default: %(default)s)")
-    p.add_argument("--device-threads", type=_positive_int, default=1, help="onnxruntime threads per device client")
-    p.add_argument("--server-threads", type=_positive_int, default=1, help="onnxruntime threads per server graph")
+    p.add_argument("--device-threads", type=positive_int, default=1, help="onnxruntime threads per device client")
+    p.add_argument("--server-threads", type=positive_int, default=1, help="onnxruntime threads per server graph")
     p.add_argument("--timeout", type=float, default=5.0, help="device's seconds per remote call (default: 5)")
     p.add_argument("--no-link-check", dest="link_check", action="store_false", help="skip measuring the links")
     p.add_argument("--probe-seconds", type=float, default=0.4, help="bulk transfer length of the link check")
@@ -488,8 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         report["plot"] = str(out.with_suffix(".png"))
         out.parent.mkdir(parents=True, exist_ok=True)
         plot(report | {"raw_latency_ms": sequential}, out.with_suffix(".png"))
-    argv_used = sys.argv[1:] if argv is None else argv
-    command = "cartosplit bench e2e " + " ".join(shlex.quote(a) for a in argv_used)
+    command = bench_command("e2e", argv)
     write_report(report, out, command, markdown)
     print(out.with_suffix(".md").read_text())
     complete = all(p["every_input_answered"] for passes in report["results"].values() for p in passes.values())

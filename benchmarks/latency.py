@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
 import sys
 import threading
 import time
@@ -865,7 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.report import write_report
+    from benchmarks.report import bench_command, write_report
 
     args = build_parser().parse_args(argv)
     if args.runs < 1 or args.min_seconds < 0 or args.warmup < 0:
@@ -878,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     png = out.with_suffix(".png")
     plot(report, png)
     report["plot"] = str(png)
-    command = "cartosplit bench latency " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = bench_command("latency", argv)
     write_report(report, out, command, markdown)
     print(out.with_suffix(".md").read_text())
     return 0

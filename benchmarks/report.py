@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
+
+
+def bench_command(name: str, argv: list[str] | None) -> str:
+    """The command line a result records: ``cartosplit bench NAME`` and the arguments it was given."""
+    return shlex.join(["cartosplit", "bench", name, *(sys.argv[1:] if argv is None else argv)])
 
 
 def check(name: str, value: object, bound: str, held: bool) -> dict:

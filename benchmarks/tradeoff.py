@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -36,6 +35,8 @@ from benchmarks.baselines import (
     search_shared_threshold,
     shared_threshold_tiers,
 )
+from benchmarks.report import bench_command, write_report
+from device_runtime.cli import comma_list
 from device_runtime.costs import TIER_CLOUD_DIRECT, TIER_DEVICE, TIER_EDGE, TIER_NAMES, CostProfile
 from device_runtime.policy import (
     ExitSignals,
@@ -419,10 +420,6 @@ def merge_report(results: Path, task_name: str, task: dict, command: str, model:
     }
 
 
-def _csv(kind):
-    return lambda text: tuple(kind(x) for x in text.split(",") if x)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="cartosplit bench tradeoff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -439,12 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         "--costs", "--cost-profile", dest="costs", help="JSON cost profile (default: the unit convention)"
     )
     parser.add_argument("--max-drop", type=float, default=0.5, help="allowed calibration drop in points")
-    parser.add_argument("--routers", type=_csv(str), default=("logreg", "mlp", "centroid"), help="router kinds")
-    parser.add_argument("--depths", type=_csv(int), default=(0, 1, 2), help="router depths r")
+    parser.add_argument("--routers", type=comma_list(str), default=("logreg", "mlp", "centroid"), help="router kinds")
+    parser.add_argument("--depths", type=comma_list(int), default=(0, 1, 2), help="router depths r")
     parser.add_argument("--out", default="benchmarks/results", help="results folder (default: %(default)s)")
     args = parser.parse_args(argv)
-
-    from benchmarks.report import write_report
 
     profile = CostProfile.from_json(args.costs) if args.costs else CostProfile()
     out = Path(args.out)
@@ -456,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         task = evaluate_task(task_name, run, profile, args)
         task["seconds"] = round(time.time() - started, 1)
         argv_task = [a if a != "all" else task_name for a in (argv if argv is not None else sys.argv[1:])]
-        command = shlex.join(["cartosplit", "bench", "tradeoff", *argv_task])
+        command = bench_command("tradeoff", argv_task)
         info = json.loads((run / "run.json").read_text())
         model = info["config"]["model"]
         report = merge_report(out, task_name, task, command, model, task["split"])

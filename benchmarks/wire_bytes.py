@@ -27,7 +27,6 @@ the padded width with the mask marking the padding, as a receiver given the leng
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 import uuid
@@ -371,7 +370,7 @@ def _load_data(args: argparse.Namespace, manifest: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.report import write_report
+    from benchmarks.report import bench_command, write_report
     from device_runtime.bundle import load_bundle
     from device_runtime.text import encode, load_tokenizer
 
@@ -416,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(report, out.with_suffix(".png"))
     report["plot"] = str(out.with_suffix(".png"))
-    command = "cartosplit bench bytes " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = bench_command("bytes", argv)
     write_report(report, out, command, markdown)
     print(out.with_suffix(".md").read_text())
     return 0

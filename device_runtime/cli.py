@@ -43,7 +43,8 @@ def _need_export_extra(command: str) -> None:
         ) from None
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (shared with the benchmarks' parsers)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -51,7 +52,7 @@ def _positive_int(text: str) -> int:
 
 
 def _train_size(text: str) -> int | None:
-    return None if text == "all" else _positive_int(text)
+    return None if text == "all" else positive_int(text)
 
 
 def _add_train_args(p: argparse.ArgumentParser, out_default: str | None, size: int, calib: int, epochs: int) -> None:
@@ -72,7 +73,7 @@ def _add_train_args(p: argparse.ArgumentParser, out_default: str | None, size: i
     )
     data.add_argument(
         "--calib-size",
-        type=_positive_int,
+        type=positive_int,
         default=calib,
         help="training-file samples held out to calibrate thresholds, never trained on (default: %(default)s)",
     )
@@ -85,13 +86,13 @@ def _add_train_args(p: argparse.ArgumentParser, out_default: str | None, size: i
         "--edge-split", type=int, default=DEFAULT_EDGE_SPLIT, help="depth reached on the edge (default: %(default)s)"
     )
     model.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="exit pooling (default: mean)")
-    model.add_argument("--max-length", type=_positive_int, default=128, help="truncate inputs to this many tokens")
+    model.add_argument("--max-length", type=positive_int, default=128, help="truncate inputs to this many tokens")
     opt = p.add_argument_group("training")
-    opt.add_argument("--epochs", type=_positive_int, default=epochs, help="(default: %(default)s)")
-    opt.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
+    opt.add_argument("--epochs", type=positive_int, default=epochs, help="(default: %(default)s)")
+    opt.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
     opt.add_argument("--lr", type=float, default=5e-5, help="encoder learning rate (default: %(default)s)")
     opt.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
-    opt.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    opt.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     carto = p.add_argument_group("cartography (easy = learned by the device exit, medium = by the edge exit)")
     carto.add_argument("--min-confidence", type=float, default=0.75, help="learned: mean gold prob >= this")
     carto.add_argument("--max-variability", type=float, default=0.2, help="learned: std of gold prob <= this")
@@ -195,7 +196,9 @@ class _MissingServerExtra:
         )
 
 
-def _csv(kind):
+def comma_list(kind):
+    """argparse type: a comma-separated list of ``kind``, as a tuple (shared with the benchmarks' parsers)."""
+
     def parse(text: str) -> tuple:
         try:
             return tuple(kind(x) for x in text.split(",") if x)
@@ -383,20 +386,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument(
         "--formats",
-        type=_csv(str),
+        type=comma_list(str),
         default=("onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"),
         help="comma-separated subset of onnx-fp32,onnx-int8,tflite-fp32,tflite-int8 (default: all)",
     )
     p.add_argument(
-        "--buckets", type=_csv(int), default=(32, 64, 128), help="TFLite sequence lengths (default: 32,64,128)"
+        "--buckets", type=comma_list(int), default=(32, 64, 128), help="TFLite sequence lengths (default: 32,64,128)"
     )
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
-    p.add_argument("--validation-samples", type=_positive_int, default=256, help="held-out samples checked")
+    p.add_argument("--validation-samples", type=positive_int, default=256, help="held-out samples checked")
     p.add_argument("--fp32-tolerance", type=float, default=1e-3, help="max abs logit diff for fp32 (default: 1e-3)")
     p.add_argument(
         "--int8-min-agreement", type=float, default=0.95, help="min label/router agreement for int8 (default: 0.95)"
     )
-    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch and the runtimes")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch and the runtimes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     p.set_defaults(func=cmd_export, needs_export=True)
 
@@ -457,12 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", help="graph format, e.g. onnx-int8, tflite-int8 (default: int8 of the backend)")
     p.add_argument("--encoding", choices=("fp32", "fp16", "int8"), default="fp16", help="activations on the wire")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds per remote call (default: %(default)s)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads for the device graphs")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for the device graphs")
     p.add_argument("--input", default="-", help="text or JSONL file (default: stdin)")
     p.add_argument("--output", default="-", help="JSONL output file (default: stdout)")
     p.add_argument(
         "--max-chars",
-        type=_positive_int,
+        type=positive_int,
         default=100_000,
         help="longer inputs are refused (their line gets an error); the model reads max-length tokens anyway",
     )
@@ -517,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate_args(p, with_run=False)
     p.add_argument("--device-format", default="onnx-int8", help="device graphs (default: %(default)s)")
     p.add_argument("--server-format", default="onnx-fp32", help="edge and cloud graphs (default: %(default)s)")
-    p.add_argument("--limit", type=_positive_int, help="only the first N dev inputs")
+    p.add_argument("--limit", type=positive_int, help="only the first N dev inputs")
     p.set_defaults(func=cmd_demo, needs_export=True)
     return parser
 
