@@ -124,8 +124,8 @@ def make_tiny_bundle(folder: Path) -> Path:
     from export.bundle_writer import ExportConfig, export_bundle
     from export.calibrate import CalibrateConfig, calibrate
     from export.router import RouterConfig
+    from export.tiny import make_tiny_bert, synthetic_rows, tiny_train_config, write_csv
     from export.train import train
-    from tests.conftest import make_tiny_bert, synthetic_rows, tiny_train_config, write_csv
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
