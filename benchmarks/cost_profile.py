@@ -12,12 +12,15 @@ Writes two ``device_runtime.costs.CostProfile`` files (exactly its fields; prove
   cloud = cloud_from_e / (L - e) on ``--server-format``. Hops = mean bytes per sample of ``--encoding``
   on that hop x 8 / bandwidth + one-way latency of the link (``--device-edge``, ``--edge-cloud``,
   ``--device-cloud``; defaults Wi-Fi 50 Mbit/s 5 ms, 100 Mbit/s 30 ms, 4G 10 Mbit/s 50 ms).
-  ``device_to_cloud`` is the hard-sample hop (hidden state at r); the all-cloud baseline sends token ids.
+  ``device_to_cloud`` is the hard-sample hop (hidden state at r > 0). ``device_to_cloud_tokens`` is the
+  all-cloud request (token ids, also a hard sample's at r = 0): the bytes report's mean
+  ``raw_input_bytes.token_ids_all_cloud`` (the same whatever ``--encoding``) over the ``--device-cloud`` link.
 
 ``cost-profile-mJ.json`` (millijoules spent by the DEVICE's battery)
   device per layer = the device slice's energy per sample / d: measured if the latency JSON has a
   measured figure, else ESTIMATED as ms x the active watts of ``--power-profile``. Edge and cloud per
-  layer, and each hop: the device waits (idle watts x time; 0 for a profile whose watts are above idle).
+  layer, and each hop (the token hop too): the device waits (idle watts x time; 0 for a profile whose
+  watts are above idle).
   Radio power: no cited per-byte or per-second radio figure was found, so by default a hop costs idle
   watts x transfer time (a lower bound); give a link's radio watts (``--device-edge 50,5,1.2``) to use
   radio watts x transfer time instead. The ``source`` field says which was used.
@@ -59,6 +62,8 @@ DEFAULT_LINKS = {
     "device_to_cloud": LinkSpec(10.0, 50.0),  # 4G
 }
 HOPS = tuple(DEFAULT_LINKS)
+# The token-id request of all-cloud (and of a hard sample at r = 0) travels the device→cloud link too.
+TOKEN_HOP, TOKEN_LINK = "device_to_cloud_tokens", "device_to_cloud"
 
 
 def transfer_ms(nbytes: float, link: LinkSpec) -> float:
@@ -116,17 +121,33 @@ def hop_bytes(wire: dict, encoding: str) -> dict[str, float]:
     return {hop: float(wire["bytes"][hop][encoding]["mean"]) if hop in wire["bytes"] else 0.0 for hop in HOPS}
 
 
+def token_request_bytes(wire: dict) -> float:
+    """Mean bytes of the all-cloud request (token ids as INT32): ``raw_input_bytes.token_ids_all_cloud.mean``."""
+    try:
+        return float(wire["raw_input_bytes"]["token_ids_all_cloud"]["mean"])
+    except (KeyError, TypeError):
+        # without it the token hop would silently fall back to the hidden-state hop and overcharge all-cloud
+        raise ValueError(
+            "the bytes report has no raw_input_bytes.token_ids_all_cloud.mean (the all-cloud token request's "
+            "mean bytes), needed for device_to_cloud_tokens; rerun `cartosplit bench bytes`"
+        ) from None
+
+
 def build_ms_profile(latency: dict, wire: dict, links: dict[str, LinkSpec], sel: Selection) -> CostProfile:
     per_layer = compute_ms_per_layer(latency, sel)
     nbytes = hop_bytes(wire, sel.encoding)
+    token_bytes = token_request_bytes(wire)
     hops = {hop: transfer_ms(nbytes[hop], links[hop]) for hop in HOPS}
+    hops[TOKEN_HOP] = transfer_ms(token_bytes, links[TOKEN_LINK])
     source = (
         f"measured: {sel.statistic[:-3]} compute from {latency.get('command', 'a latency report')} on "
         f"{latency.get('machine', '?')} (device {sel.device_key}, edge/cloud {sel.server_key}; batch {sel.batch}, "
         f"length {sel.length}, {sel.threads} thread(s)); hops = mean {sel.encoding} bytes per sample from "
         f"{wire.get('command', 'a bytes report')} x 8 / bandwidth + latency: "
         + "; ".join(f"{hop} {nbytes[hop]:,.0f} B over {links[hop].describe()}" for hop in HOPS)
-        + ". device_to_cloud is the hard-sample hop (hidden state at r)."
+        + f"; {TOKEN_HOP} {token_bytes:,.0f} B (token ids, INT32) over {links[TOKEN_LINK].describe()}"
+        + ". device_to_cloud is the hard-sample hop (hidden state at r > 0); device_to_cloud_tokens the "
+        "all-cloud request (and a hard sample's at r = 0)."
     )
     return CostProfile(
         device_per_layer=per_layer["device"],
@@ -135,6 +156,7 @@ def build_ms_profile(latency: dict, wire: dict, links: dict[str, LinkSpec], sel:
         device_to_edge=hops["device_to_edge"],
         edge_to_cloud=hops["edge_to_cloud"],
         device_to_cloud=hops["device_to_cloud"],
+        device_to_cloud_tokens=hops[TOKEN_HOP],
         unit="ms",
         source=source,
     )
@@ -171,8 +193,8 @@ def build_mj_profile(
         else "0 W above idle (the profile's watts are above idle)"
     )
     hops, hop_how = {}, []
-    for hop in HOPS:
-        link = links[hop]
+    for hop in (*HOPS, TOKEN_HOP):
+        link = links[TOKEN_LINK if hop == TOKEN_HOP else hop]
         transfer = getattr(ms, hop)
         if link.radio_w is not None:
             hops[hop] = transfer * link.radio_w
@@ -191,6 +213,7 @@ def build_mj_profile(
         device_to_edge=hops["device_to_edge"],
         edge_to_cloud=hops["edge_to_cloud"],
         device_to_cloud=hops["device_to_cloud"],
+        device_to_cloud_tokens=hops[TOKEN_HOP],
         unit="mJ",
         source=source,
     )
@@ -278,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         costs = profile.tier_costs(split)
         print(
             f"{out / name}: device {costs[0]:.2f}, edge {costs[1]:.2f}, cloud via edge {costs[2]:.2f}, "
-            f"cloud direct {costs[3]:.2f} {profile.unit} per sample"
+            f"cloud direct {costs[3]:.2f}, all-cloud {profile.all_cloud_cost(split):.2f} {profile.unit} per sample"
         )
     return 0
 

@@ -43,6 +43,13 @@ class CostProfile:
 
     ``unit`` is informative ("unit", "ms", "mJ"): calibration only needs the costs to be comparable
     with each other and, for the reward objective, with accuracy through ``beta``.
+
+    Two device→cloud hops: ``device_to_cloud`` carries a hidden state (a hard sample leaving the
+    device at router depth r > 0), ``device_to_cloud_tokens`` a token-id request (all-cloud, and a
+    hard sample at r = 0, where no layer ran on the device). A measured profile prices them apart
+    (~20 kB of fp16 activations vs ~320 bytes of token ids); ``None`` means the same as
+    ``device_to_cloud``, the unit convention's single o_dc, and is what a profile written before the
+    split loads as.
     """
 
     device_per_layer: float = 0.1
@@ -51,13 +58,19 @@ class CostProfile:
     device_to_edge: float = 0.2
     edge_to_cloud: float = 0.3
     device_to_cloud: float = 0.5
+    device_to_cloud_tokens: float | None = None
     unit: str = "unit"
     source: str = "default SplitEE/DIMEC unit convention"
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "float" and (not isinstance(value, (int, float)) or value < 0 or value != value):
+            # annotations are strings here (``from __future__ import annotations``); an optional cost may be None
+            if f.type == "float | None" and value is None:
+                continue
+            if f.type in ("float", "float | None") and (
+                not isinstance(value, (int, float)) or value < 0 or value != value
+            ):
                 raise ValueError(f"cost {f.name} must be a non-negative number, got {value!r}")
 
     @classmethod
@@ -81,15 +94,22 @@ class CostProfile:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def token_hop(self) -> float:
+        """The device→cloud hop of a token-id request: ``device_to_cloud_tokens``, else ``device_to_cloud``."""
+        return self.device_to_cloud if self.device_to_cloud_tokens is None else self.device_to_cloud_tokens
+
     def tier_costs(self, split: SplitPoints) -> np.ndarray:
         """Cost of answering a sample on each tier, indexed by the TIER_* codes."""
         d, e, total, r = split.device, split.edge, split.total, split.router_depth
         device = d * self.device_per_layer
         edge = device + self.device_to_edge + (e - d) * self.edge_per_layer
         cloud_via_edge = edge + self.edge_to_cloud + (total - e) * self.cloud_per_layer
-        cloud_direct = r * self.device_per_layer + self.device_to_cloud + (total - r) * self.cloud_per_layer
+        # r = 0: nothing ran on the device, so the hard sample leaves as tokens (the all-cloud request)
+        hop = self.device_to_cloud if r > 0 else self.token_hop
+        cloud_direct = r * self.device_per_layer + hop + (total - r) * self.cloud_per_layer
         return np.array([device, edge, cloud_via_edge, cloud_direct], dtype=np.float64)
 
     def all_cloud_cost(self, split: SplitPoints) -> float:
-        """The baseline: raw input sent to the cloud, nothing computed on the device."""
-        return self.device_to_cloud + split.total * self.cloud_per_layer
+        """The baseline: raw input sent to the cloud as token ids, nothing computed on the device."""
+        return self.token_hop + split.total * self.cloud_per_layer

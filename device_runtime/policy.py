@@ -25,6 +25,7 @@ from device_runtime.costs import (
     TIER_EDGE,
     TIER_NAMES,
 )
+from device_runtime.metrics import check_metric, metric_from_counts
 
 GROUP_NAMES = ("easy", "medium", "hard")
 EASY, MEDIUM, HARD = 0, 1, 2
@@ -162,19 +163,23 @@ def evaluate_policy(policy: Policy, signals: ExitSignals, labels: np.ndarray, ti
 class Objective:
     """What calibration optimises.
 
-    ``max_drop`` (accuracy points): lowest mean cost whose accuracy is at least the all-cloud
-    accuracy minus ``max_drop`` points. ``reward``: highest accuracy − beta · mean cost.
+    ``max_drop`` (points of ``metric``): lowest mean cost whose metric is at least the all-cloud
+    metric minus ``max_drop`` points. ``reward``: highest metric − beta · mean cost. ``metric`` is
+    computed over the set (``device_runtime.metrics``): accuracy, or MCC / F1 for the GLUE tasks
+    judged by them.
     """
 
     kind: str = "max-drop"
     max_drop: float = 0.5
     beta: float = 1.0
+    metric: str = "accuracy"
 
     def __post_init__(self) -> None:
         if self.kind not in ("max-drop", "reward"):
             raise ValueError(f"objective must be 'max-drop' or 'reward', got {self.kind!r}")
         if self.max_drop < 0 or self.beta < 0:
             raise ValueError("max_drop and beta must be non-negative")
+        check_metric(self.metric)
 
 
 def _threshold_grid(values: np.ndarray, size: int) -> np.ndarray:
@@ -187,7 +192,7 @@ def _threshold_grid(values: np.ndarray, size: int) -> np.ndarray:
 class SearchResult:
     policy: Policy
     outcome: Outcome
-    reference_accuracy: float  # all-cloud accuracy on the same samples
+    reference_accuracy: float  # all-cloud accuracy on the same samples (1.0 when searched on a loss)
 
 
 def search_policy(
@@ -198,20 +203,29 @@ def search_policy(
     use_router: bool = True,
     grid_size: int = 25,
     margin_grid_size: int = 12,
+    correct: np.ndarray | None = None,
 ) -> SearchResult:
     """Grid-search the thresholds on held-out (calibration) samples.
 
     Alphas range over quantiles of each exit's confidence; margins over quantiles of the router's
     probabilities plus infinity, so the cascade (``use_router=False``) is always among the candidates.
     Vectorised over both alphas for each pair of margins.
+
+    ``correct`` ([3, N] bool, per exit) replaces ``predictions == labels``: with
+    ``correct = 1 - loss`` of a per-sample loss that is 0 at the final exit, "accuracy ≥ 1 − max_drop"
+    reads "mean loss ≤ max_drop", which is how ``export.risk_control`` searches on a risk (e.g. the
+    disagreement with the final exit, which needs no label). Only the accuracy metric applies then.
     """
     labels = np.asarray(labels)
     n = len(labels)
     if n == 0:
         raise ValueError("calibration needs at least one sample")
+    if correct is not None and objective.metric != "accuracy":
+        raise ValueError("a search on a per-sample loss (correct=...) optimises accuracy, not a set metric")
     conf_d, conf_e = signals.probs_device.max(axis=1), signals.probs_edge.max(axis=1)
-    correct = signals.predictions() == labels[None, :]  # [3, N]
-    reference_accuracy = float(correct[2].mean())
+    preds = signals.predictions()
+    if correct is None:
+        correct = preds == labels[None, :]  # [3, N]
     alphas_d, alphas_e = _threshold_grid(conf_d, grid_size), _threshold_grid(conf_e, grid_size)
     if use_router:
         if signals.router_probs is None:
@@ -221,6 +235,21 @@ def search_policy(
     else:
         hard_margins = medium_margins = np.array([math.inf])
 
+    # per exit, the indicators whose routed counts give the metric: hits, or tp / fp / fn
+    if objective.metric == "accuracy":
+        indicators = [correct]
+    else:
+        positive, gold = preds == 1, (labels == 1)[None, :]
+        indicators = [positive & gold, positive & ~gold, ~positive & gold]
+
+    def metric_of(counts: list) -> np.ndarray:
+        if objective.metric == "accuracy":
+            return counts[0] / n
+        tp, fp, fn = counts
+        return metric_from_counts(objective.metric, tp, fp, fn, n - tp - fp - fn)
+
+    # the all-cloud reference: every sample answered by the final exit
+    reference = float(metric_of([ind[2].sum() for ind in indicators]))
     c_dev, c_edge, c_cloud_edge, c_cloud_direct = tier_costs
     exits_d = conf_d[None, :] >= alphas_d[:, None]  # [A, N]
     exits_e = conf_e[None, :] >= alphas_e[:, None]  # [B, N]
@@ -239,23 +268,25 @@ def search_policy(
             n_edge = at_edge.sum(axis=2)
             n_via = via_edge.sum(axis=2)
             n_direct = direct.sum()
-            hits = (
-                (at_dev & correct[0]).sum(axis=1)[:, None]
-                + (at_edge & correct[1]).sum(axis=2)
-                + (via_edge & correct[2]).sum(axis=2)
-                + (direct & correct[2]).sum()
-            )
-            acc = hits / n
+            counts = [
+                (at_dev & ind[0]).sum(axis=1)[:, None]
+                + (at_edge & ind[1]).sum(axis=2)
+                + (via_edge & ind[2]).sum(axis=2)
+                + (direct & ind[2]).sum()
+                for ind in indicators
+            ]
+            value = metric_of(counts)
             cost = (n_dev * c_dev + n_edge * c_edge + n_via * c_cloud_edge + n_direct * c_cloud_direct) / n
             if objective.kind == "reward":
-                score = acc - objective.beta * cost
+                score = value - objective.beta * cost
             else:
-                feasible = acc >= reference_accuracy - objective.max_drop / 100.0 - 1e-12
-                score = np.where(feasible, -cost + 1e-9 * acc, -np.inf)  # ties go to higher accuracy
+                feasible = value >= reference - objective.max_drop / 100.0 - 1e-12
+                score = np.where(feasible, -cost + 1e-9 * value, -np.inf)  # ties go to the better metric
             i, j = np.unravel_index(np.argmax(score), score.shape)
             key = score[i, j]
             if best_key is None or key > best_key:
                 best_key = key
                 best = Policy(float(alphas_d[i]), float(alphas_e[j]), float(hard_margin), float(medium_margin))
     assert best is not None  # the all-cloud corner (both alphas inf) is always feasible
+    reference_accuracy = float(correct[2].mean())
     return SearchResult(best, evaluate_policy(best, signals, labels, tier_costs), reference_accuracy)

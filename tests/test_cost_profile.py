@@ -14,6 +14,7 @@ from benchmarks.cost_profile import (
     build_ms_profile,
     compute_ms_per_layer,
     hop_bytes,
+    token_request_bytes,
     transfer_ms,
 )
 from device_runtime.costs import CostProfile, SplitPoints
@@ -54,6 +55,8 @@ def wire():
         "encodings": ["fp32", "fp16", "int8"],
         "tokens_mean": 24.2,
         "bytes": {hop: {"fp16": {"mean": n}, "fp32": {"mean": 2 * n}} for hop, n in hops.items()},
+        # the all-cloud request: token ids, whatever the activation encoding
+        "raw_input_bytes": {"text_utf8": {"mean": 100.0}, "token_ids_all_cloud": {"mean": 300.0}},
     }
 
 
@@ -108,6 +111,31 @@ def test_ms_profile_has_the_measured_costs_and_says_where_they_come_from(latency
     assert costs[1] == pytest.approx(4.0 + profile.device_to_edge + 2 * 3.0)
 
 
+def test_ms_profile_prices_all_cloud_by_its_token_request(latency, wire):
+    profile = build_ms_profile(latency, wire, DEFAULT_LINKS, Selection())
+    token_hop = 300 * 8 / 10e6 * 1e3 + 50  # 300 B of token ids over 4G: 50.24 ms
+    assert profile.device_to_cloud_tokens == pytest.approx(token_hop)
+    assert profile.device_to_cloud == pytest.approx(5_000 * 8 / 10e6 * 1e3 + 50)  # the hidden state: 54 ms
+    split = SplitPoints(**SPLIT)
+    assert profile.all_cloud_cost(split) == pytest.approx(token_hop + 6 * 1.0)
+    assert profile.tier_costs(split)[3] == pytest.approx(2.0 + profile.device_to_cloud + 5 * 1.0)  # r = 1
+    assert "device_to_cloud_tokens 300 B" in profile.source
+    # token ids do not go through the activation codec
+    assert build_ms_profile(latency, wire, DEFAULT_LINKS, Selection(encoding="fp32")).device_to_cloud_tokens == (
+        pytest.approx(token_hop)
+    )
+
+
+def test_a_bytes_report_without_the_token_request_is_a_clear_error(latency, wire):
+    assert token_request_bytes(wire) == 300.0
+    del wire["raw_input_bytes"]["token_ids_all_cloud"]
+    with pytest.raises(ValueError, match=r"no raw_input_bytes\.token_ids_all_cloud\.mean"):
+        build_ms_profile(latency, wire, DEFAULT_LINKS, Selection())
+    del wire["raw_input_bytes"]
+    with pytest.raises(ValueError, match="token_ids_all_cloud"):
+        token_request_bytes(wire)
+
+
 def test_mj_profile_estimates_device_energy_from_watts_and_labels_it(latency, wire):
     pi = {"active_w": {"all": 6.0}, "idle_w": 3.0}
     profile = build_mj_profile(latency, wire, DEFAULT_LINKS, Selection(), "raspberry-pi-4", pi)
@@ -115,17 +143,20 @@ def test_mj_profile_estimates_device_energy_from_watts_and_labels_it(latency, wi
     assert profile.device_per_layer == pytest.approx(2.0 * 6.0)  # ms per layer x W = mJ
     assert profile.edge_per_layer == pytest.approx(3.0 * 3.0) and profile.cloud_per_layer == pytest.approx(1.0 * 3.0)
     assert profile.device_to_edge == pytest.approx(transfer_ms(10_000, DEFAULT_LINKS["device_to_edge"]) * 3.0)
+    assert profile.device_to_cloud_tokens == pytest.approx(transfer_ms(300, DEFAULT_LINKS["device_to_cloud"]) * 3.0)
     assert "ESTIMATED" in profile.source and "not on the device" in profile.source
     assert "radio not included" in profile.source
 
 
 def test_mj_profile_prefers_a_measured_figure_and_given_radio_power(latency, wire):
     latency["rows"][0]["energy"] = [{"label": "measured", "meter": "RAPL package-0", "mj_per_sample": 9.0}]
-    links = dict(DEFAULT_LINKS, device_to_edge=LinkSpec(50, 5, radio_w=1.5))
+    links = dict(DEFAULT_LINKS, device_to_edge=LinkSpec(50, 5, radio_w=1.5), device_to_cloud=LinkSpec(10, 50, 2.0))
     phone = {"active_w": {"1": 1.8}, "idle_w": None}
     profile = build_mj_profile(latency, wire, links, Selection(), "phone", phone)
     assert profile.device_per_layer == pytest.approx(4.5) and "measured (RAPL package-0)" in profile.source
     assert profile.device_to_edge == pytest.approx(transfer_ms(10_000, links["device_to_edge"]) * 1.5)
+    # the token request goes over the device-cloud link, so it takes that link's radio power
+    assert profile.device_to_cloud_tokens == pytest.approx(transfer_ms(300, links["device_to_cloud"]) * 2.0)
     assert profile.edge_to_cloud == 0.0 and profile.edge_per_layer == 0.0  # watts above idle: waiting costs ~0
 
 
@@ -148,7 +179,10 @@ def test_main_writes_profiles_that_calibrate_can_load(latency, wire, tmp_path, c
     assert set(json.loads((tmp_path / "out" / "cost-profile-ms.json").read_text())) == set(CostProfile().to_dict())
     assert ms.unit == "ms" and mj.unit == "mJ"
     assert ms.device_to_cloud == pytest.approx(5_000 * 8 / 20e6 * 1e3 + 40)
-    assert "cloud direct" in capsys.readouterr().out
+    assert ms.device_to_cloud_tokens == pytest.approx(300 * 8 / 20e6 * 1e3 + 40)  # --device-cloud prices it too
+    assert mj.device_to_cloud_tokens is not None
+    printed = capsys.readouterr().out
+    assert "cloud direct" in printed and "all-cloud" in printed
 
 
 def test_main_refuses_an_unknown_power_profile(latency, wire, tmp_path):

@@ -38,6 +38,46 @@ def test_default_profile_costs_follow_the_method_formulas():
     assert CostProfile().tier_costs(r0)[TIER_CLOUD_DIRECT] == pytest.approx(CostProfile().all_cloud_cost(r0))
 
 
+def test_all_cloud_and_r0_cloud_direct_pay_the_token_hop_r_above_0_the_hidden_state_hop():
+    profile = CostProfile(device_to_cloud_tokens=0.1)  # tokens are cheaper to send than a hidden state
+    assert profile.token_hop == 0.1
+    # all-cloud: 0.1 + 6*0.02, not o_dc = 0.5
+    assert profile.all_cloud_cost(SPLIT) == pytest.approx(0.22)
+    # r = 1 sends the hidden state: 1*0.1 + 0.5 + 5*0.02, unchanged; the other tiers do not touch either hop
+    np.testing.assert_allclose(profile.tier_costs(SPLIT), [0.2, 0.5, 0.84, 0.7])
+    # r = 0 sends tokens: 0*0.1 + 0.1 + 6*0.02, the all-cloud request
+    r0 = SplitPoints(0, 2, 4, 6)
+    assert profile.tier_costs(r0)[TIER_CLOUD_DIRECT] == pytest.approx(0.22)
+    assert CostProfile(device_to_cloud_tokens=0.0).all_cloud_cost(SPLIT) == pytest.approx(0.12)  # 0 is a cost, not None
+
+
+def test_token_hop_none_falls_back_to_device_to_cloud():
+    profile = CostProfile(device_to_cloud=0.7)
+    assert profile.device_to_cloud_tokens is None and profile.token_hop == 0.7
+    assert profile.all_cloud_cost(SPLIT) == pytest.approx(0.7 + 6 * 0.02)
+    r0 = SplitPoints(0, 2, 4, 6)
+    assert profile.tier_costs(r0)[TIER_CLOUD_DIRECT] == pytest.approx(0.7 + 6 * 0.02)
+
+
+def test_token_hop_json_round_trip_old_profiles_and_manifests(tmp_path):
+    path = tmp_path / "p.json"
+    measured = CostProfile(device_to_cloud=65.5, device_to_cloud_tokens=50.3, unit="ms")
+    path.write_text(json.dumps(measured.to_dict()))
+    assert CostProfile.from_json(path) == measured
+    path.write_text(json.dumps(CostProfile().to_dict()))
+    assert json.loads(path.read_text())["device_to_cloud_tokens"] is None  # None stays null
+    assert CostProfile.from_json(path) == CostProfile()
+    # a profile or bundle manifest written before the token hop existed: loads, and prices as before
+    old = {k: v for k, v in CostProfile(device_to_cloud=0.9).to_dict().items() if k != "device_to_cloud_tokens"}
+    path.write_text(json.dumps(old))
+    assert CostProfile.from_json(path).device_to_cloud_tokens is None
+    assert CostProfile(**old).all_cloud_cost(SPLIT) == pytest.approx(0.9 + 6 * 0.02)  # as DeviceRuntime builds it
+    for bad in (-1, "50", float("nan")):
+        path.write_text(json.dumps({"device_to_cloud_tokens": bad}))
+        with pytest.raises(ValueError, match="device_to_cloud_tokens must be a non-negative number"):
+            CostProfile.from_json(path)
+
+
 def test_cost_profile_json_round_trip_and_errors(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"device_per_layer": 3.0, "unit": "ms"}))

@@ -1,0 +1,218 @@
+"""Thresholds with a stated guarantee: Learn-then-Test and conformal risk control along a policy path.
+
+Pure numpy/scipy over per-sample routing decisions; no model. docs/method.md states the guarantees.
+
+The risk of a policy is the mean of a per-sample loss that is 0 when the final exit answers:
+- ``reference="label"``: 1[the policy's answer is wrong and the final exit's is right]. Its mean
+  bounds the accuracy drop against all-cloud from above (a sample the policy gets right and the final
+  exit wrong counts 0, not −1).
+- ``reference="final"``: 1[the answer differs from the final exit's]. No label needed; it bounds the
+  accuracy drop too, since a drop needs a changed answer.
+
+A *path* is a sequence of policies ordered from the safest (index 0: every sample answered by the
+final exit, risk 0 by construction) to the cheapest, fixed before the calibration samples are seen
+(here: built on other data). Along it:
+- **LTT** (Angelopoulos et al. 2021, fixed-sequence testing): index j is certified when every index
+  up to j has a binomial p-value P(Bin(n, ε) ≤ k_i) ≤ δ for H0 "risk > ε" (k_i losses in n). The
+  kit keeps the last certified index: P(risk ≤ ε) ≥ 1 − δ over the draw of the calibration set.
+  Equivalently, the running maximum of the Clopper–Pearson upper (1 − δ) bounds is ≤ ε.
+- **CRC** (Angelopoulos et al. 2022): with the loss monotonised along the path (a sample's loss at j
+  is its worst loss at any safer index, so it never falls as the path gets cheaper), the last index
+  with (n · mean + 1) / (n + 1) ≤ ε; then E[risk] ≤ ε over calibration set and test sample.
+Both need the calibration and deployment samples to be exchangeable (the same distribution).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats
+
+from device_runtime.policy import ExitSignals, Policy, answers
+
+GUARANTEES = ("ltt", "crc", "none")
+REFERENCES = ("label", "final")
+
+
+@dataclass(frozen=True)
+class Guarantee:
+    """What calibration promises: ``kind`` ltt (P(risk ≤ epsilon) ≥ 1 − delta), crc (E[risk] ≤ epsilon)
+    or none (the plain search); ``epsilon`` is a fraction (0.5 pt = 0.005)."""
+
+    kind: str = "ltt"
+    epsilon: float = 0.005
+    delta: float = 0.1
+    reference: str = "label"
+
+    def __post_init__(self) -> None:
+        if self.kind not in GUARANTEES:
+            raise ValueError(f"guarantee must be one of {GUARANTEES}, got {self.kind!r}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
+        if not 0.0 < self.epsilon < 1.0:
+            raise ValueError(f"epsilon must be in (0, 1) (a fraction: 0.5 pt = 0.005), got {self.epsilon}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+
+    def describe(self) -> str:
+        risk = "P(answer wrong, final right)" if self.reference == "label" else "P(answer != final exit's)"
+        pt = f"{100 * self.epsilon:g} pt"
+        if self.kind == "ltt":
+            return f"LTT: P({risk} <= {pt}) >= {1 - self.delta:g} over the calibration draw"
+        if self.kind == "crc":
+            return f"CRC: E[{risk}] <= {pt}"
+        return f"none: plain search within {pt} on the calibration samples (no guarantee)"
+
+
+def sample_losses(tiers: np.ndarray, signals: ExitSignals, labels: np.ndarray | None, reference: str) -> np.ndarray:
+    """0/1 loss per path index and sample, [M, N], for the tier assignments ``tiers`` [M, N]."""
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    final = signals.predictions()[2]
+    given = np.stack([answers(t, signals) for t in np.atleast_2d(tiers)])
+    if reference == "final":
+        return given != final[None, :]
+    if labels is None:
+        raise ValueError("the 'label' reference needs labels; unlabelled samples use reference='final'")
+    labels = np.asarray(labels)
+    return (given != labels[None, :]) & (final == labels)[None, :]
+
+
+def ltt_bounds(losses: np.ndarray, delta: float) -> np.ndarray:
+    """Per path index, the smallest epsilon whose fixed-sequence test certifies it (running max of the
+    Clopper–Pearson upper 1 − delta bounds over the indices tested before it; index 0 is safe: 0)."""
+    losses = np.asarray(losses)
+    n = losses.shape[1]
+    k = losses.sum(axis=1)
+    upper = np.where(k >= n, 1.0, stats.beta.ppf(1.0 - delta, k + 1, np.maximum(n - k, 1)))
+    upper[0] = 0.0  # every sample answered by the final exit: risk 0 by construction, not by test
+    return np.maximum.accumulate(upper)
+
+
+def binomial_p_values(losses: np.ndarray, epsilon: float) -> np.ndarray:
+    """p-value of H0 "risk > epsilon" per index: P(Bin(n, epsilon) <= k) (exact for a 0/1 loss)."""
+    losses = np.asarray(losses)
+    return stats.binom.cdf(losses.sum(axis=1), losses.shape[1], epsilon)
+
+
+def crc_bounds(losses: np.ndarray, bound: float = 1.0) -> np.ndarray:
+    """Per path index, the CRC bound (n · mean monotonised loss + B) / (n + 1); non-decreasing."""
+    monotone = np.maximum.accumulate(np.asarray(losses, dtype=np.float64), axis=0)
+    n = monotone.shape[1]
+    return (monotone.sum(axis=1) + bound) / (n + 1)
+
+
+def last_within(bounds: np.ndarray, epsilon: float) -> int:
+    """The last index of the prefix whose bounds are all <= epsilon; 0 (the safe end) if none is."""
+    ok = np.asarray(bounds) <= epsilon + 1e-12
+    if ok.all():
+        return len(ok) - 1
+    first_fail = int(np.argmin(ok))
+    return max(first_fail - 1, 0)
+
+
+@dataclass
+class Certification:
+    """The outcome of calibrating along a path: which index, what it holds, what could be certified."""
+
+    guarantee: Guarantee
+    index: int  # 0 = nothing cheaper than the safe end could be certified
+    certified: bool  # a policy cheaper than all-cloud holds the guarantee
+    n: int
+    bound: float  # the certified bound at ``index`` (LTT: CP upper bound; CRC: the CRC bound)
+    empirical_risk: float
+    mean_cost: float  # on the calibration samples
+    smallest_certifiable_epsilon: float | None  # the least epsilon that certifies any saving
+    smallest_certifiable_cost: float | None  # its mean cost on the calibration samples
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["guarantee"] = asdict(self.guarantee)
+        return out
+
+
+def certify(losses: np.ndarray, costs: np.ndarray, guarantee: Guarantee, all_cloud_cost: float) -> Certification:
+    """Pick the cheapest index the guarantee certifies. ``losses`` [M, N] and ``costs`` [M] (mean cost
+    per index on the calibration samples) follow the path, safest first. A certified index must also
+    cost less than all-cloud: otherwise the honest answer is all-cloud, and ``certified`` is False."""
+    losses = np.asarray(losses)
+    costs = np.asarray(costs, dtype=np.float64)
+    if guarantee.kind == "none":
+        raise ValueError("certify() needs guarantee ltt or crc; 'none' is the plain search")
+    if losses.ndim != 2 or losses.shape[0] != len(costs) or losses.shape[1] == 0:
+        raise ValueError(f"losses must be [M, N>0] with M = len(costs); got {losses.shape} and {len(costs)}")
+    bounds = ltt_bounds(losses, guarantee.delta) if guarantee.kind == "ltt" else crc_bounds(losses)
+    cheaper = costs < all_cloud_cost - 1e-12
+    index = last_within(bounds, guarantee.epsilon)
+    smallest = None
+    if cheaper.any():
+        j = int(np.argmin(np.where(cheaper, bounds, np.inf)))
+        smallest = j
+    return Certification(
+        guarantee=guarantee,
+        index=index,
+        certified=bool(index > 0 and cheaper[index]),
+        n=int(losses.shape[1]),
+        bound=float(bounds[index]),
+        empirical_risk=float(losses[index].mean()),
+        mean_cost=float(costs[index]),
+        smallest_certifiable_epsilon=None if smallest is None else float(bounds[smallest]),
+        smallest_certifiable_cost=None if smallest is None else float(costs[smallest]),
+    )
+
+
+def _quantile_level(scores: np.ndarray, alpha: float) -> float:
+    """Share of ``scores`` below ``alpha``: where a threshold sits in the score distribution (inf: 1)."""
+    return 1.0 if math.isinf(alpha) else float((scores < alpha).mean())
+
+
+def _alpha_at(scores: np.ndarray, level: float) -> float:
+    return math.inf if level >= 1.0 else float(np.quantile(scores, max(level, 0.0)))
+
+
+def interpolated_path(anchor: Policy, signals: ExitSignals, steps: int = 100) -> list[Policy]:
+    """A one-scalar path through ``anchor``, safest first: s = 1 never exits early, s = 0.5 is the
+    anchor, s = 0 exits everything the router does not send on. Each alpha moves linearly in the
+    quantile space of its exit's confidence on ``signals`` (the path data, not the calibration set);
+    the router margins stay the anchor's (sending a sample to the cloud costs no accuracy). As s falls
+    every alpha falls, so samples only move to earlier exits: the risk grows nearly monotonically,
+    which is what fixed-sequence testing needs to go far."""
+    if steps < 2:
+        raise ValueError(f"a path needs at least 2 steps, got {steps}")
+    scores = (signals.probs_device.max(axis=1), signals.probs_edge.max(axis=1))
+    levels = [_quantile_level(s, a) for s, a in zip(scores, (anchor.alpha_device, anchor.alpha_edge), strict=True)]
+    path: list[Policy] = []
+    for s in np.linspace(1.0, 0.0, steps + 1):
+        alphas = []
+        for score, level in zip(scores, levels, strict=True):
+            q = level + (1.0 - level) * (2 * s - 1) if s >= 0.5 else level * 2 * s
+            alphas.append(_alpha_at(score, q) if s < 1.0 else math.inf)
+        policy = Policy(alphas[0], alphas[1], anchor.hard_margin, anchor.medium_margin)
+        if not path or policy != path[-1]:
+            path.append(policy)
+    return path
+
+
+def threshold_path(scores: np.ndarray, steps: int = 100) -> np.ndarray:
+    """Shared exit thresholds from "never" (inf) down to 0 along quantiles of ``scores``: safest first."""
+    levels = np.linspace(1.0, 0.0, steps + 1)
+    inner = np.quantile(scores, levels[1:]) if len(scores) else np.zeros(0)
+    return np.concatenate([[math.inf], inner])
+
+
+__all__ = [
+    "GUARANTEES",
+    "REFERENCES",
+    "Certification",
+    "Guarantee",
+    "binomial_p_values",
+    "certify",
+    "crc_bounds",
+    "interpolated_path",
+    "last_within",
+    "ltt_bounds",
+    "sample_losses",
+    "threshold_path",
+]
