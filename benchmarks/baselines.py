@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from device_runtime.costs import TIER_CLOUD_VIA_EDGE, TIER_DEVICE, TIER_EDGE, TIER_NAMES
+from device_runtime.metrics import set_metric
 from device_runtime.policy import ExitSignals, Objective, Outcome, answers, evaluate_tiers
 
 
@@ -62,19 +63,28 @@ def patience_tiers(signals: ExitSignals, patience: int = 1) -> np.ndarray:
     return tiers
 
 
-def choose(candidates: list[tuple[object, Outcome]], reference_accuracy: float, objective: Objective):
-    """The candidate the objective prefers (max-drop: cheapest within the drop, ties to accuracy; reward)."""
+def choose(
+    candidates: list[tuple[object, Outcome]],
+    reference: float,
+    objective: Objective,
+    values: list[float] | None = None,
+):
+    """The candidate the objective prefers (max-drop: cheapest within the drop, ties to the metric; reward).
+
+    ``values`` are the candidates' metric values when the objective's metric is not accuracy (the
+    outcomes carry accuracy only); ``reference`` is all-cloud's value of the same metric."""
     if not candidates:
         raise ValueError("no candidates to choose from")
+    values = [o.accuracy for _, o in candidates] if values is None else values
 
-    def key(item: tuple[object, Outcome]) -> tuple[float, float]:
-        outcome = item[1]
+    def key(i: int) -> tuple[float, float]:
+        outcome, value = candidates[i][1], values[i]
         if objective.kind == "reward":
-            return (outcome.accuracy - objective.beta * outcome.mean_cost, outcome.accuracy)
-        feasible = outcome.accuracy >= reference_accuracy - objective.max_drop / 100.0 - 1e-12
-        return (-outcome.mean_cost if feasible else -math.inf, outcome.accuracy)
+            return (value - objective.beta * outcome.mean_cost, value)
+        feasible = value >= reference - objective.max_drop / 100.0 - 1e-12
+        return (-outcome.mean_cost if feasible else -math.inf, value)
 
-    return max(candidates, key=key)
+    return candidates[max(range(len(candidates)), key=key)]
 
 
 def search_shared_threshold(
@@ -91,12 +101,14 @@ def search_shared_threshold(
     grid = np.unique(
         np.concatenate([np.quantile(np.concatenate([score_d, score_e]), np.linspace(0, 1, grid_size)), [math.inf]])
     )
-    reference = float((signals.predictions()[2] == labels).mean())
-    candidates = []
+    reference = set_metric(objective.metric, signals.predictions()[2], labels)
+    candidates, values = [], []
     for threshold in grid:
         tiers = shared_threshold_tiers(score_d, score_e, threshold)
-        candidates.append((float(threshold), evaluate_tiers(tiers, answers(tiers, signals), labels, tier_costs)))
-    return choose(candidates, reference, objective)
+        given = answers(tiers, signals)
+        candidates.append((float(threshold), evaluate_tiers(tiers, given, labels, tier_costs)))
+        values.append(set_metric(objective.metric, given, labels))
+    return choose(candidates, reference, objective, values)
 
 
 def evaluate_shared_threshold(
@@ -125,8 +137,4 @@ def random_tiers(shares: dict[str, float], n: int, draws: int = 50, seed: int = 
 
 def matthews_corr(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Matthews correlation for binary labels (GLUE's CoLA metric); 0 when a margin is empty."""
-    p, y = np.asarray(predictions) == 1, np.asarray(labels) == 1
-    tp, tn = float((p & y).sum()), float((~p & ~y).sum())
-    fp, fn = float((p & ~y).sum()), float((~p & y).sum())
-    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return 0.0 if denominator == 0 else (tp * tn - fp * fn) / denominator
+    return set_metric("mcc", predictions, labels)

@@ -29,21 +29,21 @@ import numpy as np
 
 from benchmarks.baselines import (
     exit_scores,
-    matthews_corr,
     patience_tiers,
     random_tiers,
     search_shared_threshold,
     shared_threshold_tiers,
 )
+from benchmarks.promise import GUARANTEE_KINDS, PROTOCOLS, Candidate, best_under_guarantee, run_protocols
 from benchmarks.report import bench_command, write_report
 from device_runtime.cli import comma_list
 from device_runtime.costs import TIER_CLOUD_DIRECT, TIER_DEVICE, TIER_EDGE, TIER_NAMES, CostProfile
+from device_runtime.metrics import metric_from_counts, set_metric
 from device_runtime.policy import (
     ExitSignals,
     Objective,
     Policy,
     answers,
-    evaluate_policy,
     oracle_tiers,
     route,
     search_policy,
@@ -61,7 +61,8 @@ TASK_SETTINGS = {
     "rte": {"train_size": None, "calib_size": 400, "epochs": 8, "batch_size": 16},
     "cola": {"train_size": None, "calib_size": 1500, "epochs": 3, "batch_size": 32},
 }
-METRIC = {"sst2": "accuracy", "mrpc": "accuracy", "rte": "accuracy", "cola": "mcc"}
+# GLUE's metrics: MCC for CoLA, F1 (with accuracy beside it) for MRPC, accuracy otherwise
+METRIC = {"sst2": "accuracy", "mrpc": "f1", "rte": "accuracy", "cola": "mcc"}
 FRONTIER_DROPS = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 100.0)
 TRAINING_KEYS = ("model", "train_size", "calib_size", "epochs", "batch_size", "lr", "max_length", "seed")
 
@@ -92,10 +93,21 @@ def ensure_trained(task: str, run: Path, args: argparse.Namespace) -> None:
     train(cfg, resume=bool(info), log=lambda m: print(m, file=sys.stderr))
 
 
+BOOTSTRAP_DRAWS = 1000
+
+
+def _bootstrap_index(n: int, draws: int = BOOTSTRAP_DRAWS) -> np.ndarray:
+    """Resampled dev indices, the same for every method of a task (seeded): intervals are paired."""
+    return np.random.default_rng(12345).integers(0, n, (draws, n))
+
+
 def score_tiers(
     tiers: np.ndarray, predictions: np.ndarray, labels: np.ndarray, tier_costs: np.ndarray, metric: str
 ) -> dict:
-    """Accuracy (and MCC), mean cost and shares of one routing of the dev set."""
+    """Accuracy (and the task metric), mean cost and shares of one routing of the dev set.
+
+    ``_boot`` keeps the metric and cost of each bootstrap resample until ``relative_to`` turns them
+    into 95 % intervals of the drop and the cut against all-cloud."""
     n = len(labels)
     counts = np.bincount(tiers, minlength=4) / n
     row = {
@@ -108,14 +120,28 @@ def score_tiers(
             "cloud_direct": float(counts[TIER_CLOUD_DIRECT]),
         },
     }
-    if metric == "mcc":
-        row["mcc"] = matthews_corr(predictions, labels)
+    if metric != "accuracy":
+        row[metric] = set_metric(metric, predictions, labels)
+    idx = _bootstrap_index(n)
+    if metric == "accuracy":
+        boot_value = (predictions == labels)[idx].mean(axis=1)
+    else:
+        p, y = predictions == 1, labels == 1
+        tp, fp, fn = ((a & b)[idx].sum(axis=1) for a, b in ((p, y), (p, ~y), (~p, y)))
+        boot_value = metric_from_counts(metric, tp, fp, fn, n - tp - fp - fn)
+    row["_boot"] = {"value": boot_value, "cost": tier_costs[tiers][idx].mean(axis=1)}
     return row
 
 
 def relative_to(row: dict, reference: dict, metric: str) -> dict:
     row["cost_reduction"] = 1.0 - row["cost"] / reference["cost"]
     row["acc_drop_pt"] = 100.0 * (reference[metric] - row[metric])
+    boot, ref_boot = row.pop("_boot", None), reference.get("_boot")
+    if boot is not None and ref_boot is not None:
+        drop = 100.0 * (ref_boot["value"] - boot["value"])
+        cut = 1.0 - boot["cost"] / reference["cost"]  # all-cloud's cost per sample is a constant
+        row["acc_drop_pt_ci95"] = [float(np.quantile(drop, 0.025)), float(np.quantile(drop, 0.975))]
+        row["cost_reduction_ci95"] = [float(np.quantile(cut, 0.025)), float(np.quantile(cut, 0.975))]
     return row
 
 
@@ -132,10 +158,13 @@ def selection_score(signals: ExitSignals, labels: np.ndarray, costs: np.ndarray,
     order = np.random.default_rng(0).permutation(len(labels))
     tune, judge = order[: len(order) // 2], order[len(order) // 2 :]
     found = search_policy(signals.subset(tune), labels[tune], costs, objective, use_router=True)
-    outcome = evaluate_policy(found.policy, signals.subset(judge), labels[judge], costs)
-    reference = float((signals.predictions()[2][judge] == labels[judge]).mean())
-    feasible = outcome.accuracy >= reference - objective.max_drop / 100.0 - 1e-12
-    return {"accuracy": outcome.accuracy, "cost": outcome.mean_cost, "reference": reference, "feasible": feasible}
+    judged = signals.subset(judge)
+    tiers = route(found.policy, judged)
+    value = set_metric(objective.metric, answers(tiers, judged), labels[judge])
+    reference = set_metric(objective.metric, judged.predictions()[2], labels[judge])
+    feasible = value >= reference - objective.max_drop / 100.0 - 1e-12
+    cost = float(costs[tiers].mean())
+    return {objective.metric: value, "accuracy": value, "cost": cost, "reference": reference, "feasible": feasible}
 
 
 def selection_key(selection: dict) -> tuple:
@@ -157,7 +186,7 @@ def evaluate_task(task: str, run: Path, profile: CostProfile, args: argparse.Nam
     labels = {name: data.sets[name].labels for name in ("calib", "dev")}
     probs = {name: data.forward[name][0] for name in ("calib", "dev")}
     plain = {name: ExitSignals(*probs[name]) for name in ("calib", "dev")}
-    objective = Objective("max-drop", args.max_drop)
+    objective = Objective("max-drop", args.max_drop, metric=metric)
     split0 = data.model_config.split_points(0)
     all_cloud_cost = profile.all_cloud_cost(split0)
     n_dev = len(labels["dev"])
@@ -227,8 +256,8 @@ def evaluate_task(task: str, run: Path, profile: CostProfile, args: argparse.Nam
         "draws": len(rows),
         "same_shares_as": headline,
     }
-    if metric == "mcc":
-        methods["random_routing"]["mcc"] = float(np.mean([r["mcc"] for r in rows]))
+    if metric != "accuracy":
+        methods["random_routing"][metric] = float(np.mean([r[metric] for r in rows]))
     oracle_t, oracle_answer = oracle_tiers(plain["dev"], labels["dev"])
     methods["oracle"] = score_tiers(oracle_t, oracle_answer, labels["dev"], costs_r0, metric)
     methods["oracle"]["upper_bound"] = True
@@ -236,7 +265,39 @@ def evaluate_task(task: str, run: Path, profile: CostProfile, args: argparse.Nam
         relative_to(row, all_cloud, metric)
 
     frontier = frontier_points(plain, labels, routed_signals[headline], costs_r0, all_cloud, metric)
+    all_cloud.pop("_boot")
+    head_signals, head_costs = routed_signals[headline]
+    candidates = [
+        Candidate("cartosplit", head_signals, head_costs, "policy", use_router=True),
+        Candidate("dimee_thresholds", plain, costs_r0, "policy"),
+        Candidate("confidence_exit", plain, costs_r0, "confidence"),
+        Candidate("entropy_exit", plain, costs_r0, "entropy"),
+    ]
+    epsilons = tuple(dict.fromkeys((args.max_drop, *args.frontier_eps)))
+    print(f"{task}: the promise under three protocols (epsilon {epsilons} pt, delta {args.delta})", file=sys.stderr)
+    promise_methods = run_protocols(
+        candidates,
+        labels,
+        all_cloud_cost,
+        metric,
+        epsilons,
+        args.delta,
+        splits=args.splits,
+        fits_a=args.fits_a,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    baselines = [c.name for c in candidates[1:]]
+    promise = {kind: dict(promise_methods["cartosplit"][args.max_drop][kind]) for kind in GUARANTEE_KINDS}
+    best = {
+        kind: {p: best_under_guarantee(promise_methods, baselines, args.max_drop, kind, p) for p in PROTOCOLS}
+        for kind in GUARANTEE_KINDS
+    }
     return {
+        "promise": promise,
+        "promise_best_baseline": best,
+        "promise_methods": {
+            name: {f"{eps:g}": by_eps for eps, by_eps in rows.items()} for name, rows in promise_methods.items()
+        },
         "metric": metric,
         "all_cloud": all_cloud,
         "methods": methods,
@@ -266,7 +327,7 @@ def frontier_points(plain, labels, headline, costs_r0, all_cloud, metric) -> dic
     signals, head_costs = headline
     curves: dict[str, list[dict]] = {"confidence_exit": [], "dimee_thresholds": [], "cartosplit": []}
     for drop in FRONTIER_DROPS:
-        objective = Objective("max-drop", drop)
+        objective = Objective("max-drop", drop, metric=metric)
         threshold, _ = search_shared_threshold(plain["calib"], labels["calib"], costs_r0, objective, "confidence")
         tiers = shared_threshold_tiers(*exit_scores(plain["dev"], "confidence"), threshold)
         points = {"confidence_exit": _routed(tiers, plain["dev"], labels["dev"], costs_r0, metric)}
@@ -440,6 +501,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-drop", type=float, default=0.5, help="allowed calibration drop in points")
     parser.add_argument("--routers", type=comma_list(str), default=("logreg", "mlp", "centroid"), help="router kinds")
     parser.add_argument("--depths", type=comma_list(int), default=(0, 1, 2), help="router depths r")
+    parser.add_argument("--delta", type=float, default=0.1, help="LTT: P(risk > epsilon) <= delta (default: 0.1)")
+    parser.add_argument(
+        "--frontier-eps",
+        type=comma_list(float),
+        default=(0.25, 1.0, 2.0),
+        help="further epsilons (pt) for the promise frontier, beside --max-drop (default: 0.25,1,2)",
+    )
+    parser.add_argument("--splits", type=int, default=50, help="random dev halvings, used both ways (default: 50)")
+    parser.add_argument("--fits-a", type=int, default=20, help="random partitions of the calibration split (20)")
     parser.add_argument("--out", default="benchmarks/results", help="results folder (default: %(default)s)")
     args = parser.parse_args(argv)
 

@@ -152,6 +152,34 @@ def _add_calibrate_args(p: argparse.ArgumentParser, with_run: bool) -> None:
         help="max-drop: lowest cost within this many accuracy points of all-cloud (default: %(default)s)",
     )
     c.add_argument("--beta", type=float, default=1.0, help="reward: accuracy - beta * cost (default: %(default)s)")
+    c.add_argument(
+        "--metric",
+        choices=("accuracy", "mcc", "f1"),
+        help="the set metric the objective and reports use (default: the task's: MCC for CoLA, F1 for MRPC, "
+        "else accuracy)",
+    )
+    g = p.add_argument_group("guarantee (docs/method.md, 'The promise')")
+    g.add_argument(
+        "--guarantee",
+        choices=("ltt", "crc", "none"),
+        default="ltt",
+        help="ltt: P(risk <= max-drop) >= 1 - delta over the calibration draw; crc: E[risk] <= max-drop; none: "
+        "the plain search, no guarantee. The risk bounds the accuracy drop; a bound the samples cannot "
+        "certify is refused, naming the smallest one they can (default: %(default)s)",
+    )
+    g.add_argument("--delta", type=float, default=0.1, help="ltt: allowed failure probability (default: %(default)s)")
+    g.add_argument(
+        "--reference",
+        choices=("label", "final"),
+        default="label",
+        help="label: risk = P(answer wrong and final exit right); final: P(answer differs from the final exit's), "
+        "which needs no label (default: %(default)s; unlabelled --calib-file forces final)",
+    )
+    g.add_argument(
+        "--calib-file",
+        help="your own in-domain calibration samples: CSV/JSONL as for training (label optional) or plain text "
+        "lines (.txt); default: the run's calibration split from the training file",
+    )
 
 
 def _calibrate_config(args: argparse.Namespace, run: str):
@@ -164,6 +192,11 @@ def _calibrate_config(args: argparse.Namespace, run: str):
         router=RouterConfig(kind=args.router, depth=args.router_depth),
         costs=args.costs,
         objective=Objective(args.objective, args.max_drop, args.beta),
+        metric=args.metric,
+        guarantee=args.guarantee,
+        delta=args.delta,
+        reference=args.reference,
+        calib_file=args.calib_file,
     )
 
 

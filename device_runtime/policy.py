@@ -253,6 +253,9 @@ def search_policy(
     c_dev, c_edge, c_cloud_edge, c_cloud_direct = tier_costs
     exits_d = conf_d[None, :] >= alphas_d[:, None]  # [A, N]
     exits_e = conf_e[None, :] >= alphas_e[:, None]  # [B, N]
+    exits_e_f, stays_e_f = exits_e.astype(np.float64), (~exits_e).astype(np.float64)
+    # per indicator, [N, B]: what a climbing sample adds, answered at the edge or going on to the cloud
+    edge_and_cloud_hits = [(exits_e_f * ind[1] + stays_e_f * ind[2]).T for ind in indicators]
     best_key, best = None, None
     for hard_margin in hard_margins:
         direct = signals.router_probs[:, HARD] >= hard_margin if use_router else np.zeros(n, dtype=bool)
@@ -261,19 +264,15 @@ def search_policy(
                 ~direct & (signals.router_probs[:, MEDIUM] >= medium_margin) if use_router else np.zeros(n, dtype=bool)
             )
             at_dev = exits_d & ~direct & ~skip  # [A, N]
-            climbing = ~direct[None, :] & ~at_dev  # reaches the edge, [A, N]
-            at_edge = climbing[:, None, :] & exits_e[None, :, :]  # [A, B, N]
-            via_edge = climbing[:, None, :] & ~exits_e[None, :, :]
+            climbing = (~direct[None, :] & ~at_dev).astype(np.float64)  # reaches the edge, [A, N]
+            # counts over samples as matrix products [A, N] @ [N, B]: no [A, B, N] array is built
             n_dev = at_dev.sum(axis=1)[:, None]
-            n_edge = at_edge.sum(axis=2)
-            n_via = via_edge.sum(axis=2)
+            n_edge = climbing @ exits_e_f.T
+            n_via = climbing @ stays_e_f.T
             n_direct = direct.sum()
             counts = [
-                (at_dev & ind[0]).sum(axis=1)[:, None]
-                + (at_edge & ind[1]).sum(axis=2)
-                + (via_edge & ind[2]).sum(axis=2)
-                + (direct & ind[2]).sum()
-                for ind in indicators
+                (at_dev & ind[0]).sum(axis=1)[:, None] + climbing @ edge_hits + (direct & ind[2]).sum()
+                for ind, edge_hits in zip(indicators, edge_and_cloud_hits, strict=True)
             ]
             value = metric_of(counts)
             cost = (n_dev * c_dev + n_edge * c_edge + n_via * c_cloud_edge + n_direct * c_cloud_direct) / n

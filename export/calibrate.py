@@ -7,24 +7,20 @@ calibration split (GLUE train samples kept out of training) and the training sub
 from __future__ import annotations
 
 import json
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from device_runtime.costs import TIER_CLOUD_DIRECT, TIER_DEVICE, TIER_EDGE, CostProfile
-from device_runtime.policy import (
-    ExitSignals,
-    Objective,
-    Outcome,
-    evaluate_policy,
-    evaluate_tiers,
-    oracle_tiers,
-    search_policy,
-)
+from device_runtime.metrics import set_metric
+from device_runtime.policy import ExitSignals, Objective, answers, evaluate_tiers, oracle_tiers, route, search_policy
 from device_runtime.text import encode, load_tokenizer
+from export.data import DataError, load_calibration_file, task_spec
 from export.model import MultiExitBert
+from export.risk_control import Guarantee, calibrate_along_path
 from export.router import RouterConfig, fit_router, router_probs, save_router
 from export.train import load_datasets, load_run, predict_probs
 
@@ -37,10 +33,27 @@ class CalibrateConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     costs: str | None = None  # JSON cost profile; None = the default unit convention
     objective: Objective = field(default_factory=Objective)
+    metric: str | None = None  # the set metric of the objective; None = the task's (export.data.TaskSpec)
+    guarantee: str = "ltt"  # ltt | crc | none (export.risk_control)
+    delta: float = 0.1  # LTT: P(risk > max_drop) <= delta
+    reference: str = "label"  # label: 1[wrong and final right]; final: 1[answer != final exit's], no label
+    calib_file: str | None = None  # the user's own in-domain calibration samples (labelled or not)
+    path_fraction: float = 1 / 3  # without calib_file: share of the calibration split that shapes the path
+    seed: int = 0
     grid_size: int = 25
     margin_grid_size: int = 12
     batch_size: int = 64
     write: bool = True  # False: report only, leave the run's router and calibration.json as they are
+
+
+class UncertifiableError(ValueError):
+    """The calibration samples cannot certify the asked bound: no policy is returned.
+
+    ``smallest_epsilon_pt`` is the least bound (points) they certify with any saving, or None."""
+
+    def __init__(self, message: str, smallest_epsilon_pt: float | None = None) -> None:
+        super().__init__(message)
+        self.smallest_epsilon_pt = smallest_epsilon_pt
 
 
 def _cached_forward(run: Path, model: MultiExitBert, name: str, encoded: list, depths: tuple[int, ...], batch: int):
@@ -57,40 +70,55 @@ def _cached_forward(run: Path, model: MultiExitBert, name: str, encoded: list, d
     return probs, pooled
 
 
-def baselines(signals: ExitSignals, labels: np.ndarray, tier_costs: np.ndarray, all_cloud_cost: float) -> dict:
+def report_row(tiers: np.ndarray, given: np.ndarray, labels: np.ndarray, tier_costs: np.ndarray, metric: str) -> dict:
+    """Accuracy, the set metric, mean cost and shares of one routing (drop and cut added by ``_relative``)."""
+    outcome = evaluate_tiers(tiers, given, labels, tier_costs)
+    return {**outcome.to_dict(), "metric": metric, "metric_value": set_metric(metric, given, labels)}
+
+
+def baselines(
+    signals: ExitSignals, labels: np.ndarray, tier_costs: np.ndarray, all_cloud_cost: float, metric: str
+) -> dict:
     """All-device, all-edge, all-cloud and the oracle (an upper bound on accuracy at the least cost)."""
     n = len(labels)
     preds = signals.predictions()
     rows = {
-        "all-device": evaluate_tiers(np.full(n, TIER_DEVICE), preds[0], labels, tier_costs),
-        "all-edge": evaluate_tiers(np.full(n, TIER_EDGE), preds[1], labels, tier_costs),
+        "all-device": report_row(np.full(n, TIER_DEVICE), preds[0], labels, tier_costs, metric),
+        "all-edge": report_row(np.full(n, TIER_EDGE), preds[1], labels, tier_costs, metric),
     }
-    cloud = evaluate_tiers(np.full(n, TIER_CLOUD_DIRECT), preds[2], labels, tier_costs)
-    cloud.mean_cost = all_cloud_cost  # raw input sent, nothing on the device: not the router's depth-r route
+    cloud = report_row(np.full(n, TIER_CLOUD_DIRECT), preds[2], labels, tier_costs, metric)
+    cloud["mean_cost"] = all_cloud_cost  # raw input sent, nothing on the device: not the router's depth-r route
     rows["all-cloud"] = cloud
     tiers, answer = oracle_tiers(signals, labels)
-    rows["oracle"] = evaluate_tiers(tiers, answer, labels, tier_costs)
+    rows["oracle"] = report_row(tiers, answer, labels, tier_costs, metric)
     return rows
 
 
-def _row(outcome: Outcome, reference: Outcome) -> dict:
+def _relative(row: dict, reference: dict) -> dict:
     return {
-        **outcome.to_dict(),
-        "accuracy_drop_points": round(100 * (reference.accuracy - outcome.accuracy), 3),
-        "cost_reduction_vs_all_cloud": 1.0 - outcome.mean_cost / reference.mean_cost,
+        **row,
+        "accuracy_drop_points": round(100 * (reference["accuracy"] - row["accuracy"]), 3),
+        "metric_drop_points": round(100 * (reference["metric_value"] - row["metric_value"]), 3),
+        "cost_reduction_vs_all_cloud": 1.0 - row["mean_cost"] / reference["mean_cost"],
     }
 
 
 def format_table(rows: dict[str, dict], title: str) -> str:
-    head = f"{'policy':<28}{'accuracy':>9}{'drop pt':>9}{'cost':>8}{'cut':>8}{'device':>8}{'edge':>7}{'cloud':>7}"
+    metric = next(iter(rows.values()))["metric"]
+    extra = metric != "accuracy"
+    head = f"{'policy':<28}{'accuracy':>9}{'drop pt':>9}"
+    head += f"{metric:>8}{'drop pt':>9}" if extra else ""
+    head += f"{'cost':>8}{'cut':>8}{'device':>8}{'edge':>7}{'cloud':>7}"
     lines = [title, head, "-" * len(head)]
     for name, r in rows.items():
         s = r["shares"]
-        lines.append(
-            f"{name:<28}{r['accuracy']:>9.4f}{r['accuracy_drop_points']:>9.2f}{r['mean_cost']:>8.3f}"
-            f"{r['cost_reduction_vs_all_cloud']:>8.1%}{s['device']:>8.1%}{s['edge']:>7.1%}"
+        line = f"{name:<28}{r['accuracy']:>9.4f}{r['accuracy_drop_points']:>9.2f}"
+        line += f"{r['metric_value']:>8.4f}{r['metric_drop_points']:>9.2f}" if extra else ""
+        line += (
+            f"{r['mean_cost']:>8.3f}{r['cost_reduction_vs_all_cloud']:>8.1%}{s['device']:>8.1%}{s['edge']:>7.1%}"
             f"{s['cloud_via_edge'] + s['cloud_direct']:>7.1%}"
         )
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -130,7 +158,60 @@ def load_calibration_data(run: str | Path, batch_size: int = 64) -> CalibrationD
     return CalibrationData(run, tcfg, model.config, sets, forward, groups)
 
 
+def _calibration_samples(cfg: CalibrateConfig, data: CalibrationData, router, model_path: Path):
+    """(path signals, path labels, calibration signals, calibration labels or None, source): where the
+    path is shaped and where the guarantee is certified, never the same samples."""
+    calib = data.sets["calib"]
+    depth = cfg.router.depth
+    split_signals = _signals(data.forward["calib"], router, depth)
+    if cfg.calib_file:
+        user = load_calibration_file(cfg.calib_file, calib.label_names)
+        if (user.text_pairs is None) != (calib.text_pairs is None):
+            want = "text pairs (text, text_pair)" if calib.text_pairs is not None else "single texts"
+            raise DataError(f"{cfg.calib_file}: this run's task takes {want}")
+        forward = _cached_file_forward(data.run, cfg.calib_file, user, data, cfg.batch_size)
+        source = f"{cfg.calib_file} ({len(user)} samples, {'labelled' if user.labels is not None else 'unlabelled'})"
+        return split_signals, calib.labels, _signals(forward, router, depth), user.labels, source
+    order = np.random.default_rng(cfg.seed).permutation(len(calib))
+    cut = max(1, round(cfg.path_fraction * len(calib)))
+    path_idx, cert_idx = np.sort(order[:cut]), np.sort(order[cut:])
+    if len(cert_idx) == 0:
+        raise DataError(f"the calibration split has {len(calib)} samples: too few to shape a path and certify")
+    source = (
+        f"the run's calibration split: {len(path_idx)} samples shape the path, {len(cert_idx)} certify it "
+        "(held out from the training file; give in-domain samples with --calib-file)"
+    )
+    return (
+        split_signals.subset(path_idx),
+        calib.labels[path_idx],
+        split_signals.subset(cert_idx),
+        calib.labels[cert_idx],
+        source,
+    )
+
+
+def _signals(forward: tuple, router, depth: int) -> ExitSignals:
+    probs, pooled = forward
+    return ExitSignals(probs[0], probs[1], probs[2], router_probs(router, pooled[depth]))
+
+
+def _cached_file_forward(run: Path, path: str, user, data: CalibrationData, batch: int) -> tuple:
+    """The forward pass over a --calib-file, cached under the file's content hash."""
+    import hashlib
+
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    model = MultiExitBert.load(run / "model")
+    tokenizer = load_tokenizer(run / "model" / "tokenizer.json", data.train_config.max_length)
+    depths = tuple(range(data.train_config.device_split + 1))
+    encoded = encode(tokenizer, user.texts, user.text_pairs)
+    return _cached_forward(run, model, f"calibfile-{digest}", encoded, depths, batch)
+
+
 def calibrate(cfg: CalibrateConfig, log=print) -> dict:
+    """Fit the router and choose the thresholds; with a guarantee, certify them or refuse.
+
+    Raises ``UncertifiableError`` (nothing written) when the calibration samples cannot certify
+    ``max_drop`` at the asked guarantee; its message names the smallest bound they can certify."""
     started = time.time()
     run = Path(cfg.run)
     info, tcfg = load_run(run)
@@ -139,47 +220,93 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
             f"router depth {cfg.router.depth} is past the device split ({tcfg.device_split}): "
             "the router must decide on the device, before the sample leaves it"
         )
+    if cfg.guarantee != "none" and cfg.objective.kind != "max-drop":
+        raise ValueError("a guarantee bounds the drop: use --objective max-drop, or --guarantee none for reward")
     data = load_calibration_data(run, cfg.batch_size)
     sets, forward, groups = data.sets, data.forward, data.groups
     dev = sets["dev"]
 
     router, report = fit_router(forward["train"][1][cfg.router.depth], groups, cfg.router)
-    if cfg.write:
-        save_router(router, cfg.router, run / "router")
-    signals = {}
-    for name in ("calib", "dev"):
-        probs, pooled = forward[name]
-        signals[name] = ExitSignals(probs[0], probs[1], probs[2], router_probs(router, pooled[cfg.router.depth]))
+    signals = {name: _signals(forward[name], router, cfg.router.depth) for name in ("calib", "dev")}
+    path_signals, path_labels, cal_signals, cal_labels, source = _calibration_samples(cfg, data, router, run)
 
     profile = CostProfile.from_json(cfg.costs) if cfg.costs else CostProfile()
     split = data.model_config.split_points(cfg.router.depth)
     tier_costs = profile.tier_costs(split)
     all_cloud_cost = profile.all_cloud_cost(split)
     calib_labels, dev_labels = sets["calib"].labels, dev.labels
+    reference = cfg.reference
+    if cal_labels is None and reference == "label":
+        reference = "final"
+        log("the calibration samples have no labels: the risk is the disagreement with the final exit")
+    metric = cfg.metric or _task_metric(tcfg)
+    cfg = replace(cfg, objective=replace(cfg.objective, metric=metric))
 
     grid = {"grid_size": cfg.grid_size, "margin_grid_size": cfg.margin_grid_size}
-    cascade = search_policy(signals["calib"], calib_labels, tier_costs, cfg.objective, use_router=False, **grid)
-    dimec = search_policy(signals["calib"], calib_labels, tier_costs, cfg.objective, use_router=True, **grid)
+    certification = {}
+    if cfg.guarantee == "none":
+        # the plain search on the calibration samples; unlabelled ones bound the disagreement instead
+        fit_labels = cal_labels if cal_labels is not None and reference == "label" else cal_signals.predictions()[2]
+        objective = cfg.objective if fit_labels is cal_labels else Objective("max-drop", cfg.objective.max_drop)
+        cascade = search_policy(cal_signals, fit_labels, tier_costs, objective, use_router=False, **grid).policy
+        dimec = search_policy(cal_signals, fit_labels, tier_costs, objective, use_router=True, **grid).policy
+        guarantee = None
+    else:
+        guarantee = Guarantee(cfg.guarantee, cfg.objective.max_drop / 100.0, cfg.delta, reference)
+        found = {}
+        for name, use_router in (("cascade", False), ("dimec", True)):
+            found[name] = calibrate_along_path(
+                path_signals, path_labels if reference == "label" else None, cal_signals, cal_labels,
+                tier_costs, all_cloud_cost, guarantee, use_router, **grid,
+            )  # fmt: skip
+            certification[name] = found[name].certification.to_dict()
+        if found["dimec"].policy is None and found["cascade"].policy is None:
+            cert = found["dimec"].certification
+            smallest = cert.smallest_certifiable_epsilon
+            raise UncertifiableError(
+                _refusal(guarantee, cert, all_cloud_cost, source), None if smallest is None else 100 * smallest
+            )
+        # the router's path contains the cascade's shape; should it still certify less, keep the cheaper
+        certified = [f for f in found.values() if f.policy is not None]
+        best = min(certified, key=lambda f: f.certification.mean_cost)
+        cascade = found["cascade"].policy
+        dimec = best.policy
+    if cfg.write:
+        save_router(router, cfg.router, run / "router")
 
     results, r = {}, cfg.router.depth
+    dimec_label = f"dimec-dc ({cfg.router.kind}@{r})"
     for name, labels in (("calib", calib_labels), ("dev", dev_labels)):
-        base = baselines(signals[name], labels, tier_costs, all_cloud_cost)
-        reference = base["all-cloud"]
-        rows = {k: _row(v, reference) for k, v in base.items()}
-        for label, found in (("cascade (max-softmax)", cascade), (f"dimec-dc ({cfg.router.kind}@{r})", dimec)):
-            rows[label] = _row(evaluate_policy(found.policy, signals[name], labels, tier_costs), reference)
+        base = baselines(signals[name], labels, tier_costs, all_cloud_cost, metric)
+        rows = {k: _relative(v, base["all-cloud"]) for k, v in base.items()}
+        for label, policy in (("cascade (max-softmax)", cascade), (dimec_label, dimec)):
+            if policy is None:
+                continue  # the cascade alone could not be certified
+            tiers = route(policy, signals[name])
+            rows[label] = _relative(report_row(tiers, answers(tiers, signals[name]), labels, tier_costs, metric),
+                                    base["all-cloud"])  # fmt: skip
         results[name] = rows
 
     summary = {
         "run": str(run),
         "task": tcfg.task,
         "objective": asdict(cfg.objective),
+        "guarantee": {
+            "kind": cfg.guarantee,
+            "epsilon_pt": cfg.objective.max_drop,
+            "delta": cfg.delta if cfg.guarantee == "ltt" else None,
+            "reference": reference,
+            "statement": (guarantee or Guarantee("none", max(cfg.objective.max_drop, 1e-9) / 100)).describe(),
+            "calibration_samples": source,
+            "certification": certification.get("dimec") if guarantee else None,
+            "cascade_certification": certification.get("cascade") if guarantee else None,
+        },
         "cost_profile": profile.to_dict(),
         "split_points": asdict(split),
         "tier_costs": dict(zip(("device", "edge", "cloud_via_edge", "cloud_direct"), tier_costs.tolist(), strict=True)),
         "all_cloud_cost": all_cloud_cost,
-        "policy": dimec.policy.to_dict(),
-        "cascade_policy": cascade.policy.to_dict(),
+        "policy": dimec.to_dict(),
+        "cascade_policy": cascade.to_dict() if cascade is not None else None,
         "router": report.to_dict(),
         "results": results,
         "seconds": round(time.time() - started, 1),
@@ -189,24 +316,76 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
         info["status"] = "calibrated"
         (run / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
-    obj = cfg.objective
-    goal = f"max drop {obj.max_drop} pt" if obj.kind == "max-drop" else f"reward, beta {obj.beta}"
     log(
         f"router {report.kind}@depth {report.depth}: held-out accuracy {report.holdout_accuracy:.3f} "
         f"(majority {report.majority_accuracy:.3f}) on {report.holdout_samples} samples; confusion "
         f"(rows true easy/medium/hard): {report.confusion}"
     )
-    log(f"policy: {_fmt_policy(dimec.policy.to_dict())}; cascade: {_fmt_policy(cascade.policy.to_dict())}")
+    cascade_text = _fmt_policy(cascade.to_dict()) if cascade is not None else "not certified"
+    log(f"policy: {_fmt_policy(dimec.to_dict())}; cascade: {cascade_text}")
+    log(f"guarantee: {summary['guarantee']['statement']}")
+    log(f"calibration samples: {source}")
+    if guarantee is not None:
+        c = certification["dimec"]
+        log(
+            f"certified bound {100 * c['bound']:.3f} pt on {c['n']} samples "
+            f"(empirical risk {100 * c['empirical_risk']:.3f} pt)"
+        )
     for name in ("calib", "dev"):
         n = len(calib_labels) if name == "calib" else len(dev_labels)
-        log(format_table(results[name], f"\n{name} ({n} samples; objective: {goal}; cost unit: {profile.unit})"))
+        log(format_table(results[name], f"\n{name} ({n} samples; cost unit: {profile.unit})"))
+    dev_row = results["dev"][dimec_label]
+    log(
+        f"dev drop measured against all-cloud: {dev_row['accuracy_drop_points']:+.2f} pt accuracy"
+        + (f", {dev_row['metric_drop_points']:+.2f} pt {metric}" if metric != "accuracy" else "")
+        + f" at a {dev_row['cost_reduction_vs_all_cloud']:.1%} cut (the dev set was not used to calibrate)"
+    )
     if cfg.write:
         log(f"saved {run / CALIBRATION_FILE}")
     return summary
+
+
+def _task_metric(tcfg) -> str:
+    """GLUE's metric for a GLUE task; accuracy for a user's own files (unless --metric says otherwise)."""
+    if tcfg.train_file:
+        return "accuracy"
+    try:
+        return task_spec(tcfg.task).metric
+    except DataError:
+        return "accuracy"
+
+
+def _refusal(guarantee: Guarantee, cert, all_cloud_cost: float, source: str) -> str:
+    eps = f"{100 * guarantee.epsilon:g} pt"
+    if cert.smallest_certifiable_epsilon is None:
+        smallest = "no bound certifies a policy cheaper than all-cloud on them"
+    else:
+        cut = 1 - cert.smallest_certifiable_cost / all_cloud_cost
+        smallest = (
+            f"the smallest certifiable bound is {100 * cert.smallest_certifiable_epsilon:.2f} pt "
+            f"(a {cut:.1%} cut on the calibration samples)"
+        )
+    floor = ""
+    if guarantee.kind == "ltt":
+        need = math.ceil(math.log(guarantee.delta) / math.log(1 - guarantee.epsilon))
+        floor = f"; certifying {eps} at delta {guarantee.delta:g} needs at least {need} samples even with none lost"
+    return (
+        f"cannot certify a drop of at most {eps} ({guarantee.describe()}) with {cert.n} calibration samples: "
+        f"{smallest}{floor}. Calibration samples: {source}. Give more in-domain samples (--calib-file), "
+        "or a larger --max-drop; no policy was written"
+    )
 
 
 def _fmt_policy(p: dict) -> str:
     return ", ".join(f"{k}={'inf' if v is None else f'{v:.3f}'}" for k, v in p.items())
 
 
-__all__ = ["CalibrateConfig", "CalibrationData", "baselines", "calibrate", "format_table", "load_calibration_data"]
+__all__ = [
+    "CalibrateConfig",
+    "CalibrationData",
+    "UncertifiableError",
+    "baselines",
+    "calibrate",
+    "format_table",
+    "load_calibration_data",
+]

@@ -71,12 +71,13 @@ class TaskSpec:
     glue_dir: str
     label_names: tuple[str, ...]
     is_pair: bool
+    metric: str = "accuracy"  # GLUE's metric over the set (device_runtime.metrics)
 
 
 TASKS: dict[str, TaskSpec] = {
     "sst2": TaskSpec("sst2", "SST-2", ("negative", "positive"), is_pair=False),
-    "cola": TaskSpec("cola", "CoLA", ("unacceptable", "acceptable"), is_pair=False),
-    "mrpc": TaskSpec("mrpc", "MRPC", ("not_equivalent", "equivalent"), is_pair=True),
+    "cola": TaskSpec("cola", "CoLA", ("unacceptable", "acceptable"), is_pair=False, metric="mcc"),
+    "mrpc": TaskSpec("mrpc", "MRPC", ("not_equivalent", "equivalent"), is_pair=True, metric="f1"),
     "rte": TaskSpec("rte", "RTE", ("entailment", "not_entailment"), is_pair=True),
 }
 
@@ -441,6 +442,79 @@ def load_file(path: str | os.PathLike[str], label_names: Sequence[str] | None = 
     pairs = _consistent_pairs(path, records)
     labels, names = _resolve_labels(path, records, label_names)
     return TextDataset(texts, pairs, labels, names, str(path))
+
+
+@dataclass
+class CalibrationTexts:
+    """A user's own calibration samples: labelled (a TextDataset's fields) or not (``labels`` None)."""
+
+    texts: list[str]
+    text_pairs: list[str] | None
+    labels: np.ndarray | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def load_calibration_file(path: str | os.PathLike[str], label_names: Sequence[str]) -> CalibrationTexts:
+    """Calibration samples from CSV/JSONL as for training (``label`` optional: absent on every row
+    means unlabelled) or a plain text file (``.txt``: one text per non-empty line, unlabelled).
+
+    Unlabelled samples can only calibrate the disagreement with the final exit (``--reference final``).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"calibration file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            texts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+            if not texts:
+                raise DataError(f"{path} has no non-empty line")
+            return CalibrationTexts(texts, None, None, str(path))
+        if _FILE_SUFFIXES.get(suffix) is None:
+            raise DataError(f"{path}: unsupported extension {suffix!r}; use .csv, .jsonl/.json or .txt")
+        rows = _unlabelled_rows(path, _FILE_SUFFIXES[suffix])
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    if any("label" in row for row in rows):
+        ds = load_file(path, label_names)  # labelled: every row must carry one, checked there
+        return CalibrationTexts(ds.texts, ds.text_pairs, ds.labels, ds.source)
+    texts, pairs = [], []
+    for i, row in enumerate(rows, start=1):
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}: row {i}: missing or empty 'text'")
+        texts.append(text)
+        pairs.append(row.get("text_pair"))
+    has_pair = [isinstance(p, str) and bool(p.strip()) for p in pairs]
+    if any(has_pair) and not all(has_pair):
+        raise DataError(f"{path}: text_pair on some rows only; give it on every row or on none")
+    return CalibrationTexts(texts, pairs if all(has_pair) else None, None, str(path))
+
+
+def _unlabelled_rows(path: Path, kind: str) -> list[dict]:
+    """Rows as dicts of the fields present (empty CSV cells dropped), for sniffing and unlabelled use."""
+    if kind == "csv":
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = [{k: v for k, v in row.items() if k and v not in (None, "")} for row in csv.DictReader(f)]
+    else:
+        rows = []
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: line {lineno}: malformed JSON ({exc.msg})") from exc
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}: line {lineno}: expected a JSON object with a 'text' field")
+                rows.append({k: v for k, v in obj.items() if v is not None})
+    if not rows:
+        raise DataError(f"{path} has no data rows")
+    return rows
 
 
 @dataclass(frozen=True)

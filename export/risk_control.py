@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
-from device_runtime.policy import ExitSignals, Policy, answers
+from device_runtime.policy import ExitSignals, Objective, Policy, route, search_policy
 
 GUARANTEES = ("ltt", "crc", "none")
 REFERENCES = ("label", "final")
@@ -66,18 +66,25 @@ class Guarantee:
         return f"none: plain search within {pt} on the calibration samples (no guarantee)"
 
 
-def sample_losses(tiers: np.ndarray, signals: ExitSignals, labels: np.ndarray | None, reference: str) -> np.ndarray:
-    """0/1 loss per path index and sample, [M, N], for the tier assignments ``tiers`` [M, N]."""
+def exit_losses(signals: ExitSignals, labels: np.ndarray | None, reference: str) -> np.ndarray:
+    """The loss each exit's answer would take, [3, N] (device, edge, final; the final row is all 0)."""
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
-    final = signals.predictions()[2]
-    given = np.stack([answers(t, signals) for t in np.atleast_2d(tiers)])
+    preds = signals.predictions()
     if reference == "final":
-        return given != final[None, :]
+        return preds != preds[2][None, :]
     if labels is None:
         raise ValueError("the 'label' reference needs labels; unlabelled samples use reference='final'")
     labels = np.asarray(labels)
-    return (given != labels[None, :]) & (final == labels)[None, :]
+    return (preds != labels[None, :]) & (preds[2] == labels)[None, :]
+
+
+def sample_losses(tiers: np.ndarray, signals: ExitSignals, labels: np.ndarray | None, reference: str) -> np.ndarray:
+    """0/1 loss per path index and sample, [M, N], for the tier assignments ``tiers`` [M, N]."""
+    per_exit = exit_losses(signals, labels, reference)
+    exit_of_tier = np.array([0, 1, 2, 2])  # both cloud routes end at the final exit
+    tiers = np.atleast_2d(tiers)
+    return per_exit[exit_of_tier[tiers], np.arange(tiers.shape[1])[None, :]]
 
 
 def ltt_bounds(losses: np.ndarray, delta: float) -> np.ndarray:
@@ -195,6 +202,54 @@ def interpolated_path(anchor: Policy, signals: ExitSignals, steps: int = 100) ->
     return path
 
 
+def anchor_policy(
+    signals: ExitSignals,
+    labels: np.ndarray | None,
+    tier_costs: np.ndarray,
+    guarantee: Guarantee,
+    use_router: bool,
+    **grid: int,
+) -> Policy:
+    """The cheapest policy whose mean loss on ``signals`` (path data) is within epsilon: the shape of
+    the path. Searched on the guarantee's own loss, so a label-free guarantee needs no label here."""
+    correct = ~exit_losses(signals, labels, guarantee.reference)
+    reference_labels = signals.predictions()[2] if labels is None else np.asarray(labels)
+    objective = Objective("max-drop", 100.0 * guarantee.epsilon)
+    return search_policy(signals, reference_labels, tier_costs, objective, use_router, correct=correct, **grid).policy
+
+
+@dataclass
+class PathCalibration:
+    """A certified (or refused) policy with the path it came from."""
+
+    policy: Policy | None  # None: refused, deploy all-cloud
+    certification: Certification
+    path: list[Policy]
+
+
+def calibrate_along_path(
+    path_signals: ExitSignals,
+    path_labels: np.ndarray | None,
+    calib_signals: ExitSignals,
+    calib_labels: np.ndarray | None,
+    tier_costs: np.ndarray,
+    all_cloud_cost: float,
+    guarantee: Guarantee,
+    use_router: bool,
+    steps: int = 100,
+    **grid: int,
+) -> PathCalibration:
+    """Build the path on ``path_*`` (never the calibration samples), then certify along it on
+    ``calib_*``. The two sets may come from different distributions; only the calibration set must be
+    exchangeable with deployment traffic for the guarantee to hold."""
+    anchor = anchor_policy(path_signals, path_labels, tier_costs, guarantee, use_router, **grid)
+    path = interpolated_path(anchor, path_signals, steps)
+    tiers = np.stack([route(p, calib_signals) for p in path])
+    losses = sample_losses(tiers, calib_signals, calib_labels, guarantee.reference)
+    cert = certify(losses, tier_costs[tiers].mean(axis=1), guarantee, all_cloud_cost)
+    return PathCalibration(path[cert.index] if cert.certified else None, cert, path)
+
+
 def threshold_path(scores: np.ndarray, steps: int = 100) -> np.ndarray:
     """Shared exit thresholds from "never" (inf) down to 0 along quantiles of ``scores``: safest first."""
     levels = np.linspace(1.0, 0.0, steps + 1)
@@ -207,9 +262,13 @@ __all__ = [
     "REFERENCES",
     "Certification",
     "Guarantee",
+    "PathCalibration",
+    "anchor_policy",
     "binomial_p_values",
+    "calibrate_along_path",
     "certify",
     "crc_bounds",
+    "exit_losses",
     "interpolated_path",
     "last_within",
     "ltt_bounds",

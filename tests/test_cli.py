@@ -51,7 +51,10 @@ def _tiny_args(tiny_model, synthetic_files, out):
 def test_train_then_calibrate_from_the_command_line(tmp_path, tiny_model, synthetic_files, capsys):
     out = tmp_path / "run"
     assert main(["train", *_tiny_args(tiny_model, synthetic_files, out)]) == 0
-    assert main(["calibrate", "--run", str(out), "--router", "mlp", "--objective", "reward", "--beta", "0.5"]) == 0
+    reward = ["--objective", "reward", "--beta", "0.5"]
+    assert main(["calibrate", "--run", str(out), "--router", "mlp", *reward]) == 2  # a reward has no guarantee
+    assert "--guarantee none" in capsys.readouterr().err
+    assert main(["calibrate", "--run", str(out), "--router", "mlp", *reward, "--guarantee", "none"]) == 0
     printed = capsys.readouterr().out
     assert "dimec-dc (mlp@1)" in printed and "cascade (max-softmax)" in printed and "all-cloud" in printed
     assert (out / "calibration.json").is_file() and (out / "data_map.png").is_file()
