@@ -29,9 +29,8 @@ from device_runtime.metrics import confusion_counts, metric_from_counts
 from device_runtime.policy import ExitSignals, Objective, answers, route, search_policy
 from export.risk_control import (
     Guarantee,
-    anchor_policy,
     certify,
-    interpolated_path,
+    choose_path,
     sample_losses,
     threshold_path,
 )
@@ -56,8 +55,7 @@ class Candidate:
     def path_tiers(self, path: ExitSignals, labels, guarantee: Guarantee, targets: list[ExitSignals]) -> list:
         """The path built on ``path`` (safest first), as tier assignments [M, N] of each target."""
         if self.kind == "policy":
-            anchor = anchor_policy(path, labels, self.tier_costs, guarantee, self.use_router, **GRID)
-            policies = interpolated_path(anchor, path, PATH_STEPS)
+            policies = choose_path(path, labels, self.tier_costs, guarantee, self.use_router, PATH_STEPS, **GRID)
             return [np.stack([route(p, t) for p in policies]) for t in targets]
         thresholds = threshold_path(np.concatenate(exit_scores(path, self.kind)), PATH_STEPS)
         out = []
@@ -189,20 +187,26 @@ def run_protocols(
     out: dict = {}
     for cand in candidates:
         calib, dev_s, costs = cand.signals["calib"], cand.signals["dev"], cand.tier_costs
+        # the paths do not depend on epsilon: shape them once per partition and per reference
+        shape = {ref: Guarantee("ltt", 0.01, delta, ref) for ref in ("label", "final")}
+        paths_a = []
+        for path_idx, cert_idx in partitions:
+            path_set, cert_set = calib.subset(path_idx), calib.subset(cert_idx)
+            tiers = cand.path_tiers(path_set, labels["calib"][path_idx], shape["label"], [cert_set, dev_s])
+            paths_a.append((cert_idx, cert_set, *tiers))
+        paths_b = {}
+        for ref in ("label", "final"):
+            (dev_tiers,) = cand.path_tiers(calib, labels["calib"] if ref == "label" else None, shape[ref], [dev_s])
+            paths_b[ref] = (dev_tiers, sample_losses(dev_tiers, dev_s, labels["dev"] if ref == "label" else None, ref))
         out[cand.name] = {}
         for eps_pt in epsilons_pt:
             fits = {g: {p: [] for p in PROTOCOLS} for g in GUARANTEE_KINDS}
             guarantees = {
-                (kind, ref): Guarantee(kind if kind != "none" else "ltt", eps_pt / 100.0, delta, ref)
-                for kind in GUARANTEE_KINDS
-                for ref in ("label", "final")
+                (kind, ref): Guarantee(kind, eps_pt / 100.0, delta, ref) for kind in ("ltt", "crc") for ref in shape
             }
             objective = Objective("max-drop", eps_pt, metric=metric)
             # (a) training-file split: path on a third, certify on the rest, evaluate on dev
-            for path_idx, cert_idx in partitions:
-                path_set, cert_set = calib.subset(path_idx), calib.subset(cert_idx)
-                g = guarantees[("ltt", "label")]
-                cert_tiers, dev_tiers = cand.path_tiers(path_set, labels["calib"][path_idx], g, [cert_set, dev_s])
+            for cert_idx, cert_set, cert_tiers, dev_tiers in paths_a:
                 losses = sample_losses(cert_tiers, cert_set, labels["calib"][cert_idx], "label")
                 for kind in ("ltt", "crc"):
                     c = certify(losses, costs[cert_tiers].mean(axis=1), guarantees[(kind, "label")], all_cloud_cost)
@@ -212,15 +216,12 @@ def run_protocols(
                 fits["none"]["train_split"].append(score(plain, everything, costs))
             # (b) cross-fit and (c) label-free on dev halves; the path from the training-file split
             for protocol, ref in (("cross_fit", "label"), ("label_free", "final")):
-                g = guarantees[("ltt", ref)]
-                (dev_tiers,) = cand.path_tiers(calib, labels["calib"] if ref == "label" else None, g, [dev_s])
-                losses = sample_losses(dev_tiers, dev_s, labels["dev"] if ref == "label" else None, ref)
+                dev_tiers, losses = paths_b[ref]
                 sample_costs = costs[dev_tiers]
                 for a, b in halves:
                     for kind in ("ltt", "crc"):
-                        c = certify(
-                            losses[:, a], sample_costs[:, a].mean(axis=1), guarantees[(kind, ref)], all_cloud_cost
-                        )
+                        spent = sample_costs[:, a].mean(axis=1)
+                        c = certify(losses[:, a], spent, guarantees[(kind, ref)], all_cloud_cost)
                         row = score(dev_tiers[c.index] if c.certified else None, b, costs)
                         fits[kind][protocol].append({**row, "cert": c, "all_cloud_cost": all_cloud_cost})
                     fit_set = dev_s.subset(a)
@@ -264,3 +265,156 @@ def promise_kept(row: dict, kind: str) -> bool:
 
 
 __all__ = ["PROTOCOLS", "Candidate", "best_under_guarantee", "promise_kept", "run_protocols", "summarize"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report: tables, the four-task headline, the frontier with intervals
+# ---------------------------------------------------------------------------------------------------
+
+PROTOCOL_TITLES = {
+    "train_split": "(a) training-file split",
+    "cross_fit": "(b) cross-fit on dev halves",
+    "label_free": "(c) label-free dev halves",
+}
+
+
+def _ci(pair: list[float] | None, scale: float = 1.0, fmt: str = ".2f") -> str:
+    return "" if pair is None else f" [{scale * pair[0]:{fmt}}, {scale * pair[1]:{fmt}}]"
+
+
+def promise_row(label: str, kind: str, protocol: str, row: dict) -> str:
+    smallest = row.get("smallest_certifiable_epsilon_pt")
+    small_cut = row.get("smallest_certifiable_cut")
+    small = "—" if smallest is None else f"{smallest:.2f} pt" + ("" if small_cut is None else f" ({small_cut:.1%})")
+    certified = "—" if "certified_rate" not in row else f"{row['certified_rate']:.0%}"
+    metric_drop = "" if row["metric"] == "accuracy" else f" | {row['metric_mean_drop_pt']:+.2f}"
+    kept = "yes" if promise_kept(row, kind) else "**no**"
+    return (
+        f"| {label} | {kind} | {PROTOCOL_TITLES[protocol]} | {row['violation_rate']:.2f}"
+        f"{_ci(row['violation_rate_ci95'])} | {row['mean_drop_pt']:+.2f}{_ci(row['mean_drop_pt_ci95'])}"
+        f"{metric_drop} | {100 * row['mean_cut']:.1f} %{_ci(row['mean_cut_ci95'], 100, '.1f')} | {certified} | "
+        f"{small} | {kept} | {row['n_fits']} |"
+    )
+
+
+def promise_markdown(name: str, task: dict) -> list[str]:
+    """The task's promise section: cartosplit under every guarantee and protocol, then every method."""
+    metric = task["metric"]
+    eps = next(iter(task["promise"]["ltt"].values()))["epsilon_pt"]
+    delta = next(iter(task["promise"]["ltt"].values()))["delta"]
+    metric_head = "" if metric == "accuracy" else f" | mean {metric} drop (pt)"
+    head = (
+        f"| method | guarantee | protocol | P(drop > {eps:g} pt) [95 % CI] | mean drop (pt) [CI]{metric_head} "
+        "| mean cut [CI] | certified | smallest certifiable ε (its cut) | kept | fits |"
+    )
+    sep = "|" + "---|" * (head.count("|") - 1)
+    lines = [
+        "",
+        f"### The promise on {name}: ε = {eps:g} pt, δ = {delta:g}",
+        "",
+        "Kept = LTT: P(drop > ε) ≤ δ; CRC and the plain search: mean drop ≤ ε. Drops in accuracy points (what "
+        "the per-sample loss bounds); a refused fit deploys all-cloud (drop 0, cut 0).",
+        "",
+        head,
+        sep,
+    ]
+    for kind in GUARANTEE_KINDS:
+        for protocol in PROTOCOLS:
+            lines.append(promise_row("cartosplit", kind, protocol, task["promise"][kind][protocol]))
+    lines += ["", "Every method under the same protocols:", "", head, sep]
+    key = f"{eps:g}"
+    for method, by_eps in task["promise_methods"].items():
+        if method == "cartosplit":
+            continue
+        for kind in GUARANTEE_KINDS:
+            for protocol in PROTOCOLS:
+                lines.append(promise_row(method, kind, protocol, by_eps[key][kind][protocol]))
+    best = task["promise_best_baseline"]
+    lines += [
+        "",
+        "Best baseline that keeps the promise (largest mean cut): "
+        + "; ".join(f"{k} {PROTOCOL_TITLES[p]}: `{best[k][p]}`" for k in GUARANTEE_KINDS for p in PROTOCOLS),
+        "",
+        f"![{name} promise frontier](tradeoff-{name}-promise.png)",
+    ]
+    return lines
+
+
+def headline(tasks: dict) -> dict:
+    """Mean cut over the tasks for each guarantee and protocol, whether each task kept the promise, and
+    the best baseline's mean cut under the same guarantee (per task, the baseline that kept it)."""
+    out: dict = {}
+    for kind in GUARANTEE_KINDS:
+        out[kind] = {}
+        for protocol in PROTOCOLS:
+            rows = {t: v["promise"][kind][protocol] for t, v in tasks.items() if "promise" in v}
+            if not rows:
+                continue
+            baseline_cuts = []
+            for t, v in tasks.items():
+                if "promise" not in v:
+                    continue
+                name = v["promise_best_baseline"][kind][protocol]
+                eps = f"{rows[t]['epsilon_pt']:g}"
+                baseline_cuts.append(
+                    0.0 if name is None else v["promise_methods"][name][eps][kind][protocol]["mean_cut"]
+                )
+            out[kind][protocol] = {
+                "mean_cut": float(np.mean([r["mean_cut"] for r in rows.values()])),
+                "kept_on": [t for t, r in rows.items() if promise_kept(r, kind)],
+                "tasks": list(rows),
+                "best_baseline_mean_cut": float(np.mean(baseline_cuts)),
+            }
+    return out
+
+
+def headline_markdown(head: dict) -> list[str]:
+    lines = [
+        "",
+        "## Headline: mean cost cut over the tasks at the promise",
+        "",
+        "| guarantee | protocol | cartosplit mean cut | kept on | best baseline (kept) mean cut |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, by_protocol in head.items():
+        for protocol, row in by_protocol.items():
+            lines.append(
+                f"| {kind} | {PROTOCOL_TITLES[protocol]} | {100 * row['mean_cut']:.1f} % | "
+                f"{', '.join(row['kept_on']) or 'none'} of {len(row['tasks'])} | "
+                f"{100 * row['best_baseline_mean_cut']:.1f} % |"
+            )
+    return lines
+
+
+def plot_promise(name: str, task: dict, out) -> None:
+    """Mean cut vs mean drop under cross-fit, per guarantee, for cartosplit and the cascade, across ε,
+    with 95 % intervals on both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    styles = {"ltt": "o-", "crc": "s--", "none": "x:"}
+    for ax, protocol in zip(axes, ("cross_fit", "label_free"), strict=True):
+        for method in ("cartosplit", "dimee_thresholds", "confidence_exit"):
+            for kind in GUARANTEE_KINDS:
+                pts = sorted((float(e), rows[kind][protocol]) for e, rows in task["promise_methods"][method].items())
+                cut = np.array([100 * r["mean_cut"] for _, r in pts])
+                drop = np.array([r["mean_drop_pt"] for _, r in pts])
+                cut_err = np.array([[c - 100 * r["mean_cut_ci95"][0], 100 * r["mean_cut_ci95"][1] - c]
+                                    for c, (_, r) in zip(cut, pts, strict=True)]).T  # fmt: skip
+                drop_err = np.array([[d - r["mean_drop_pt_ci95"][0], r["mean_drop_pt_ci95"][1] - d]
+                                     for d, (_, r) in zip(drop, pts, strict=True)]).T  # fmt: skip
+                ax.errorbar(cut, drop, xerr=cut_err, yerr=drop_err, fmt=styles[kind], ms=4, capsize=2,
+                            label=f"{method} {kind}", alpha=0.85)  # fmt: skip
+        for e in sorted({float(e) for e in task["promise_methods"]["cartosplit"]}):
+            ax.axhline(e, color="grey", lw=0.5, ls="--")
+        ax.set_xlabel("mean cost cut vs all-cloud (%)")
+        ax.set_title(f"{name}: {PROTOCOL_TITLES[protocol]} (grey lines: ε)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean dev-half accuracy drop (pt)")
+    axes[1].legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -34,7 +34,17 @@ from benchmarks.baselines import (
     search_shared_threshold,
     shared_threshold_tiers,
 )
-from benchmarks.promise import GUARANTEE_KINDS, PROTOCOLS, Candidate, best_under_guarantee, run_protocols
+from benchmarks.promise import (
+    GUARANTEE_KINDS,
+    PROTOCOLS,
+    Candidate,
+    best_under_guarantee,
+    headline,
+    headline_markdown,
+    plot_promise,
+    promise_markdown,
+    run_protocols,
+)
 from benchmarks.report import bench_command, write_report
 from device_runtime.cli import comma_list
 from device_runtime.costs import TIER_CLOUD_DIRECT, TIER_DEVICE, TIER_EDGE, TIER_NAMES, CostProfile
@@ -391,6 +401,7 @@ def markdown(report: dict) -> list[str]:
         "docs/method.md). `drop` is in points of the task's metric, positive = worse than all-cloud; `cut` "
         "is the cost reduction vs all-cloud. The paper's claim to beat: > 43 % cut at < 0.5 pt drop.",
     ]
+    lines += headline_markdown(report.get("headline", {}))
     for name, task in report["tasks"].items():
         metric = task["metric"]
         ac = task["all_cloud"]
@@ -432,6 +443,8 @@ def markdown(report: dict) -> list[str]:
                 f"{100 * s['cloud']:.0f} % |"
             )
         lines += ["", f"![{name} frontier](tradeoff-{name}.png)"]
+        if "promise" in task:
+            lines += promise_markdown(name, task)
     return lines
 
 
@@ -443,9 +456,16 @@ def plot_frontier(name: str, task: dict, out: Path) -> None:
 
     metric = task["metric"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ref = task["all_cloud"][metric]
     for curve, points in task["frontier"].items():
         pts = sorted(points, key=lambda p: p["cost"])
-        ax.plot([p["cost"] for p in pts], [p[metric] for p in pts], marker="o", ms=3, label=curve)
+        y = np.array([p[metric] for p in pts])
+        yerr = None
+        if all("acc_drop_pt_ci95" in p for p in pts):  # 95 % bootstrap intervals over dev samples
+            low = np.array([ref - p["acc_drop_pt_ci95"][1] / 100 for p in pts])
+            high = np.array([ref - p["acc_drop_pt_ci95"][0] / 100 for p in pts])
+            yerr = np.clip(np.stack([y - low, high - y]), 0, None)
+        ax.errorbar([p["cost"] for p in pts], y, yerr=yerr, marker="o", ms=3, capsize=2, label=curve)
     markers = {"all_edge": "s", "all_device": "v", "patience": "P", "random_routing": "x", "oracle": "*"}
     for key, marker in markers.items():
         row = task["methods"][key]
@@ -479,6 +499,7 @@ def merge_report(results: Path, task_name: str, task: dict, command: str, model:
         "machine": machines[0] if len(machines) == 1 else machines,
         "model": model,
         "split": split,
+        "headline": headline(ordered),
         "tasks": ordered,
     }
 
@@ -528,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         model = info["config"]["model"]
         report = merge_report(out, task_name, task, command, model, task["split"])
         plot_frontier(task_name, report["tasks"][task_name], out / f"tradeoff-{task_name}.png")
+        plot_promise(task_name, report["tasks"][task_name], out / f"tradeoff-{task_name}-promise.png")
         (out / f"tradeoff-{task_name}.json").write_text(json.dumps(report["tasks"][task_name], indent=2) + "\n")
         write_report(
             {k: v for k, v in report.items() if k not in ("command", "machine")},

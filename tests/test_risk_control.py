@@ -3,6 +3,7 @@ monotonicity, the label-free risk. Synthetic exit scores only; no model."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ from device_runtime.policy import ExitSignals, Objective, Policy, route, search_
 from export.risk_control import (
     Guarantee,
     binomial_p_values,
+    calibrate_along_path,
     certify,
     crc_bounds,
     interpolated_path,
@@ -186,3 +188,19 @@ def test_guarantee_validates_its_numbers():
         Guarantee("hoeffding")
     with pytest.raises(ValueError, match="reference"):
         Guarantee(reference="teacher")
+
+
+def test_calibrating_along_the_path_never_costs_more_for_a_larger_epsilon():
+    """The path's anchor does not depend on epsilon, so the certified prefix only grows with it."""
+    path_signals, path_labels = population(1500, seed=8)
+    cal_signals, cal_labels = population(3000, seed=9)
+    for kind in ("ltt", "crc"):
+        spent = []
+        for eps in (0.005, 0.01, 0.02, 0.04):
+            found = calibrate_along_path(
+                path_signals, path_labels, cal_signals, cal_labels, COSTS, ALL_CLOUD,
+                Guarantee(kind, epsilon=eps), use_router=False, grid_size=10,
+            )  # fmt: skip
+            spent.append(found.certification.mean_cost if found.policy is not None else ALL_CLOUD)
+        assert all(a >= b - 1e-12 for a, b in itertools.pairwise(spent)), spent
+        assert spent[-1] < ALL_CLOUD
