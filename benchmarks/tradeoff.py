@@ -564,4 +564,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * head['cost_reduction']:.1f} % ({summary['headline_variant']}); best baseline "
             f"{best_baseline(summary)} drop {base['acc_drop_pt']:+.2f} pt, cut {100 * base['cost_reduction']:.1f} %"
         )
+        for kind in GUARANTEE_KINDS:
+            row = summary["promise"][kind]["cross_fit"]
+            print(
+                f"  {kind} (cross-fit, {row['n_fits']} fits): P(drop > {row['epsilon_pt']:g} pt) "
+                f"{row['violation_rate']:.2f}, mean drop {row['mean_drop_pt']:+.2f} pt, mean cut "
+                f"{100 * row['mean_cut']:.1f} %"
+                + (
+                    f", smallest certifiable epsilon {row['smallest_certifiable_epsilon_pt']:.2f} pt"
+                    if row.get("smallest_certifiable_epsilon_pt") is not None
+                    else ""
+                )
+            )
     return 0
