@@ -333,6 +333,8 @@ def export_bundle(cfg: ExportConfig, log=print) -> Path:
         "policy": calibration["policy"],
         "cost_profile": calibration["cost_profile"],
         "calibration_objective": calibration["objective"],
+        # what the policy was certified to hold, on which samples (absent for runs calibrated before it)
+        "calibration_guarantee": calibration.get("guarantee"),
         "formats": formats_meta,
         "graphs": manifest_graphs,
         "validation": {
