@@ -60,12 +60,16 @@ class Guarantee:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
 
     def describe(self) -> str:
-        risk = "P(answer wrong, final right)" if self.reference == "label" else "P(answer != final exit's)"
+        risk = (
+            "risk = P(answer wrong and final exit right)"
+            if self.reference == "label"
+            else ("risk = P(answer differs from the final exit's)")
+        )
         pt = f"{100 * self.epsilon:g} pt"
         if self.kind == "ltt":
-            return f"LTT: P({risk} <= {pt}) >= {1 - self.delta:g} over the calibration draw"
+            return f"LTT: P(risk <= {pt}) >= {1 - self.delta:g} over the calibration draw, {risk}"
         if self.kind == "crc":
-            return f"CRC: E[{risk}] <= {pt}"
+            return f"CRC: E[risk] <= {pt}, {risk}"
         return f"none: plain search within {pt} on the calibration samples (no guarantee)"
 
 

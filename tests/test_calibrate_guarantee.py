@@ -55,7 +55,7 @@ def test_unlabelled_calib_file_uses_the_disagreement_risk(run, synthetic_files, 
     g = summary["guarantee"]
     assert g["reference"] == "final" and "unlabelled" in g["calibration_samples"]
     assert g["certification"]["n"] == len(texts)
-    assert "answer != final" in g["statement"]
+    assert "differs from the final exit" in g["statement"]
 
 
 def test_labelled_calib_file_and_bad_ones(run, synthetic_files, tmp_path):
