@@ -11,6 +11,15 @@ not hold a finished run yet (resumable: an interrupted run continues from its la
    series of allowed drops, then evaluated on dev) and merges the task into
    ``benchmarks/results/tradeoff.{json,md}``, with ``tradeoff-<task>.{json,png}`` beside them.
 
+5. measures the accuracy promise (``benchmarks/promise.py``): cartosplit's headline variant, the
+   cascade and the confidence / entropy exits, each calibrated with LTT, CRC and the plain search,
+   under three protocols (the training-file split; cross-fit on random dev halves, both ways, 50 cuts;
+   the same with the calibration half's labels hidden), at ``--max-drop`` and ``--frontier-eps``,
+   with 95 % intervals; ``promise.<guarantee>.<protocol>`` per task in ``tradeoff.json``.
+
+Every row on dev also carries a 95 % paired bootstrap interval of its drop and cut
+(``acc_drop_pt_ci95``, ``cost_reduction_ci95``; 1,000 resamples of dev).
+
 Which cartosplit variant is the headline row is also decided on the calibration split, never on dev:
 each variant's thresholds are tuned on one half of it and judged on the other half; the cheapest
 variant within the allowed drop there wins.
