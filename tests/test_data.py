@@ -112,8 +112,9 @@ class TestTaskSpec:
 
     def test_specs_carry_human_label_names_in_glue_id_order(self) -> None:
         assert TASKS["sst2"] == TaskSpec("sst2", "SST-2", ("negative", "positive"), False)
-        assert TASKS["cola"] == TaskSpec("cola", "CoLA", ("unacceptable", "acceptable"), False)
-        assert TASKS["mrpc"] == TaskSpec("mrpc", "MRPC", ("not_equivalent", "equivalent"), True)
+        assert TASKS["cola"] == TaskSpec("cola", "CoLA", ("unacceptable", "acceptable"), False, metric="mcc")
+        assert TASKS["mrpc"] == TaskSpec("mrpc", "MRPC", ("not_equivalent", "equivalent"), True, metric="f1")
+        assert TASKS["sst2"].metric == TASKS["rte"].metric == "accuracy"  # GLUE's metric for each
         assert TASKS["rte"] == TaskSpec("rte", "RTE", ("entailment", "not_entailment"), True)
         assert set(TASKS) == {"sst2", "cola", "mrpc", "rte"}
 
