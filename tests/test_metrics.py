@@ -88,3 +88,35 @@ def test_run_protocols_reports_the_promise_keys():
             assert 0 <= row["violation_rate"] <= 1 and row["metric"] == "mcc"
             assert ("smallest_certifiable_epsilon_pt" in row) == (kind != "none")
             assert promise_kept(row, kind) in (True, False)
+
+
+def test_promise_report_renders_tables_headline_and_plot(tmp_path):
+    from benchmarks.promise import best_under_guarantee, headline, headline_markdown, plot_promise, promise_markdown
+
+    calib, calib_labels = _signals(600, seed=4)
+    dev, dev_labels = _signals(500, seed=5)
+    split = SplitPoints(1, 2, 4, 6)
+    costs = CostProfile().tier_costs(split)
+    signals = {"calib": calib, "dev": dev}
+    cands = [Candidate(name, signals, costs, kind) for name, kind in
+             (("cartosplit", "policy"), ("dimee_thresholds", "policy"), ("confidence_exit", "confidence"))]  # fmt: skip
+    out = run_protocols(
+        cands, {"calib": calib_labels, "dev": dev_labels}, CostProfile().all_cloud_cost(split), "accuracy",
+        (0.5, 2.0), 0.1, splits=2, fits_a=2, log=lambda *_: None,
+    )  # fmt: skip
+    baselines = ["dimee_thresholds", "confidence_exit"]
+    task = {
+        "metric": "accuracy",
+        "promise": {k: dict(out["cartosplit"][0.5][k]) for k in ("ltt", "crc", "none")},
+        "promise_best_baseline": {
+            k: {p: best_under_guarantee(out, baselines, 0.5, k, p) for p in PROTOCOLS} for k in ("ltt", "crc", "none")
+        },
+        "promise_methods": {m: {f"{e:g}": v for e, v in rows.items()} for m, rows in out.items()},
+    }
+    lines = promise_markdown("toy", task)
+    assert any(line.startswith("| cartosplit | ltt | (b) cross-fit") for line in lines)
+    head = headline({"toy": task})
+    assert head["ltt"]["cross_fit"]["tasks"] == ["toy"]
+    assert headline_markdown(head)[1].startswith("## Headline")
+    plot_promise("toy", task, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
