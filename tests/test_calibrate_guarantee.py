@@ -92,3 +92,16 @@ def _drop(points: float):
     from device_runtime.policy import Objective
 
     return Objective("max-drop", points)
+
+
+def test_demo_loosens_to_the_smallest_certifiable_bound_and_says_so(run):
+    from export.demo import _calibrate_or_loosen, _calibration_matches
+
+    said = []
+    cfg = CalibrateConfig(run=str(run))  # LTT at 0.5 pt: refused on 100 samples
+    _calibrate_or_loosen(cfg, run, said.append)
+    assert any(line.startswith("refused: cannot certify") for line in said)
+    saved = json.loads((run / "calibration.json").read_text())["guarantee"]
+    assert saved["requested_epsilon_pt"] == 0.5 and saved["epsilon_pt"] > 0.5 and saved["certification"]["certified"]
+    assert _calibration_matches(run, cfg)  # a second demo reuses it
+    assert not _calibration_matches(run, CalibrateConfig(run=str(run), guarantee="crc"))

@@ -158,6 +158,9 @@ def test_demo_end_to_end_on_the_tiny_model_then_reuses_everything(tiny_model, sy
         "--model", str(tiny_model), "--train-file", str(synthetic_files[0]), "--dev-file", str(synthetic_files[1]),
         "--train-size", "200", "--calib-size", "100", "--epochs", "2", "--device-split", "1", "--edge-split", "2",
         "--max-length", "32", "--threads", "1", "--out", str(tmp_path / "demo"), "--limit", "40",
+        # the tiny random model's int8 router flips decisions near its margins, which export refuses;
+        # the demo's certify-or-loosen step is tested on its own (test_calibrate_guarantee.py)
+        "--guarantee", "none",
     ]  # fmt: skip
     assert main(["demo", *args]) == 0
     first = capsys.readouterr().out
