@@ -323,7 +323,12 @@ def evaluate_task(task: str, run: Path, profile: CostProfile, args: argparse.Nam
         "headline_variant": headline,
         "split": [data.model_config.device_split, data.model_config.edge_split, data.model_config.num_layers],
         "frontier": frontier,
-        "samples": {"train": len(data.groups), "calib": len(labels["calib"]), "dev": n_dev},
+        "samples": {
+            "train": data.trained_samples,
+            "router_fit": len(data.groups),
+            "calib": len(labels["calib"]),
+            "dev": n_dev,
+        },
         "dev_exit_accuracy": {
             name: float((dev_preds[k] == labels["dev"]).mean()) for k, name in enumerate(("device", "edge", "final"))
         },

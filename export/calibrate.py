@@ -25,6 +25,7 @@ from export.router import RouterConfig, fit_router, router_probs, save_router
 from export.train import load_datasets, load_run, predict_probs
 
 CALIBRATION_FILE = "calibration.json"
+ROUTER_FIT_SAMPLES = 20_000  # the router is fitted on a random subset of at most this many trained samples
 
 
 @dataclass
@@ -124,14 +125,18 @@ def format_table(rows: dict[str, dict], title: str) -> str:
 
 @dataclass
 class CalibrationData:
-    """What calibration and the benchmarks read from a trained run: the sets, their forward passes, the groups."""
+    """What calibration and the benchmarks read from a trained run: the sets, their forward passes, the groups.
+
+    ``sets["train"]`` (what the router is fitted on) is a seeded random subset of at most
+    ``ROUTER_FIT_SAMPLES`` of the trained samples."""
 
     run: Path
     train_config: object  # export.train.TrainConfig
     model_config: object  # export.model.MultiExitConfig
     sets: dict  # name -> TextDataset for "train" (the trained subset), "calib" and "dev"
     forward: dict  # name -> (exit probabilities [3, N, K], {depth: pooled features [N, H]})
-    groups: np.ndarray  # cartography group per trained sample
+    groups: np.ndarray  # cartography group per sample of sets["train"]
+    trained_samples: int  # the run's whole training subset (sets["train"] is at most ROUTER_FIT_SAMPLES of it)
 
 
 def load_calibration_data(run: str | Path, batch_size: int = 64) -> CalibrationData:
@@ -149,13 +154,19 @@ def load_calibration_data(run: str | Path, batch_size: int = 64) -> CalibrationD
         train_idx, calib_idx = split["train"], split["calib"]
     with np.load(run / "cartography.npz") as carto:
         groups = carto["groups"]
+    trained = len(train_idx)
+    if trained > ROUTER_FIT_SAMPLES:
+        # a router of a few thousand parameters learns no more from 60,000 samples than from 20,000,
+        # and the forward pass over the rest would be the slowest step of calibration
+        pick = np.sort(np.random.default_rng(0).choice(trained, ROUTER_FIT_SAMPLES, replace=False))
+        train_idx, groups = train_idx[pick], groups[pick]
     depths = tuple(range(tcfg.device_split + 1))  # every router depth the device can use, computed once
     sets = {"train": pool.subset(train_idx), "calib": pool.subset(calib_idx), "dev": dev}
     forward = {
         name: _cached_forward(run, model, name, encode(tokenizer, ds.texts, ds.text_pairs), depths, batch_size)
         for name, ds in sets.items()
     }
-    return CalibrationData(run, tcfg, model.config, sets, forward, groups)
+    return CalibrationData(run, tcfg, model.config, sets, forward, groups, trained)
 
 
 def _calibration_samples(cfg: CalibrateConfig, data: CalibrationData, router, model_path: Path):
