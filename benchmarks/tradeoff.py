@@ -183,12 +183,12 @@ def selection_score(signals: ExitSignals, labels: np.ndarray, costs: np.ndarray,
     reference = set_metric(objective.metric, judged.predictions()[2], labels[judge])
     feasible = value >= reference - objective.max_drop / 100.0 - 1e-12
     cost = float(costs[tiers].mean())
-    return {objective.metric: value, "accuracy": value, "cost": cost, "reference": reference, "feasible": feasible}
+    return {"metric": objective.metric, "value": value, "cost": cost, "reference": reference, "feasible": feasible}
 
 
 def selection_key(selection: dict) -> tuple:
-    """Feasible first, then cheapest, then most accurate."""
-    return (not selection["feasible"], selection["cost"], -selection["accuracy"])
+    """Feasible first, then cheapest, then the best metric."""
+    return (not selection["feasible"], selection["cost"], -selection["value"])
 
 
 def _policy_row(policy: Policy, signals: ExitSignals, labels, tier_costs, metric: str) -> dict:

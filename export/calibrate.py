@@ -20,7 +20,7 @@ from device_runtime.policy import ExitSignals, Objective, answers, evaluate_tier
 from device_runtime.text import encode, load_tokenizer
 from export.data import DataError, load_calibration_file, task_spec
 from export.model import MultiExitBert
-from export.risk_control import Guarantee, calibrate_along_path
+from export.risk_control import Guarantee, calibrate_along_path, plain_search_statement
 from export.router import RouterConfig, fit_router, router_probs, save_router
 from export.train import load_datasets, load_run, predict_probs
 
@@ -169,7 +169,7 @@ def load_calibration_data(run: str | Path, batch_size: int = 64) -> CalibrationD
     return CalibrationData(run, tcfg, model.config, sets, forward, groups, trained)
 
 
-def _calibration_samples(cfg: CalibrateConfig, data: CalibrationData, router, model_path: Path):
+def _calibration_samples(cfg: CalibrateConfig, data: CalibrationData, router):
     """(path signals, path labels, calibration signals, calibration labels or None, source): where the
     path is shaped and where the guarantee is certified, never the same samples."""
     calib = data.sets["calib"]
@@ -239,7 +239,7 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
 
     router, report = fit_router(forward["train"][1][cfg.router.depth], groups, cfg.router)
     signals = {name: _signals(forward[name], router, cfg.router.depth) for name in ("calib", "dev")}
-    path_signals, path_labels, cal_signals, cal_labels, source = _calibration_samples(cfg, data, router, run)
+    path_signals, path_labels, cal_signals, cal_labels, source = _calibration_samples(cfg, data, router)
 
     profile = CostProfile.from_json(cfg.costs) if cfg.costs else CostProfile()
     split = data.model_config.split_points(cfg.router.depth)
@@ -306,7 +306,8 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
             "epsilon_pt": cfg.objective.max_drop,
             "delta": cfg.delta if cfg.guarantee == "ltt" else None,
             "reference": reference,
-            "statement": (guarantee or Guarantee("none", max(cfg.objective.max_drop, 1e-9) / 100)).describe(),
+            "statement": guarantee.describe() if guarantee else plain_search_statement(cfg.objective.max_drop),
+            "calib_file": cfg.calib_file,
             "calibration_samples": source,
             "certification": certification.get("dimec") if guarantee else None,
             "cascade_certification": certification.get("cascade") if guarantee else None,

@@ -96,6 +96,7 @@ def _calibration_matches(run: Path, cfg: CalibrateConfig) -> bool:
         and saved["router"]["depth"] == cfg.router.depth
         and objective == asked
         and guarantee.get("kind") == cfg.guarantee
+        and guarantee.get("calib_file") == cfg.calib_file
         and guarantee.get("reference") in (cfg.reference, "final")
         and (cfg.guarantee != "ltt" or guarantee.get("delta") == cfg.delta)
         and saved["cost_profile"] == profile.to_dict()

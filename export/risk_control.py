@@ -70,7 +70,12 @@ class Guarantee:
             return f"LTT: P(risk <= {pt}) >= {1 - self.delta:g} over the calibration draw, {risk}"
         if self.kind == "crc":
             return f"CRC: E[risk] <= {pt}, {risk}"
-        return f"none: plain search within {pt} on the calibration samples (no guarantee)"
+        return plain_search_statement(100 * self.epsilon)
+
+
+def plain_search_statement(max_drop_pt: float) -> str:
+    """What ``--guarantee none`` promises: nothing (any ``max_drop``, also 100 pt, which no Guarantee holds)."""
+    return f"none: plain search within {max_drop_pt:g} pt on the calibration samples (no guarantee)"
 
 
 def exit_losses(signals: ExitSignals, labels: np.ndarray | None, reference: str) -> np.ndarray:
@@ -160,10 +165,7 @@ def certify(losses: np.ndarray, costs: np.ndarray, guarantee: Guarantee, all_clo
     bounds = ltt_bounds(losses, guarantee.delta) if guarantee.kind == "ltt" else crc_bounds(losses)
     cheaper = costs < all_cloud_cost - 1e-12
     index = last_within(bounds, guarantee.epsilon)
-    smallest = None
-    if cheaper.any():
-        j = int(np.argmin(np.where(cheaper, bounds, np.inf)))
-        smallest = j
+    smallest = int(np.argmin(np.where(cheaper, bounds, np.inf))) if cheaper.any() else None
     return Certification(
         guarantee=guarantee,
         index=index,
@@ -341,6 +343,7 @@ __all__ = [
     "last_within",
     "ltt_bounds",
     "path_score",
+    "plain_search_statement",
     "sample_losses",
     "threshold_path",
 ]

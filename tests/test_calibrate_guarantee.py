@@ -105,3 +105,10 @@ def test_demo_loosens_to_the_smallest_certifiable_bound_and_says_so(run):
     assert saved["requested_epsilon_pt"] == 0.5 and saved["epsilon_pt"] > 0.5 and saved["certification"]["certified"]
     assert _calibration_matches(run, cfg)  # a second demo reuses it
     assert not _calibration_matches(run, CalibrateConfig(run=str(run), guarantee="crc"))
+    assert not _calibration_matches(run, CalibrateConfig(run=str(run), calib_file="traffic.txt"))
+
+
+def test_plain_search_takes_any_max_drop_and_says_it_guarantees_nothing(run):
+    summary = calibrate(CalibrateConfig(run=str(run), guarantee="none", objective=_drop(100.0)), **QUIET)
+    assert summary["guarantee"]["statement"].startswith("none: plain search within 100 pt")
+    assert summary["guarantee"]["certification"] is None
