@@ -38,6 +38,8 @@ from device_runtime.onnx_backend import OnnxSession
 INSTALL_HINT = "pip install 'cartosplit[ray]'"
 APP_PREFIX = "cartosplit"
 BUCKET_STEP = 16
+LOCAL_START_ATTEMPTS = 3
+RAY_SESSION_LOGS = Path("/tmp/ray/session_latest/logs")  # Ray's default temp dir
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -441,6 +443,15 @@ class RayBackend:
                 raise OSError(f"cannot join the Ray cluster at {self.address}: {type(exc).__name__}: {exc}") from None
             self._connected, mode = True, "joined"
         else:
+            self._start_local(ray, quiet)
+            self._started_ray, mode = True, "started"
+        log_event(logging.INFO, "ray_connected", mode=mode, address=self.address or "local")
+
+    def _start_local(self, ray: Any, quiet: dict[str, Any]) -> None:
+        # Ray waits a fixed 30 s for its raylet to register; a starved machine (a 2-core CI box right after a
+        # long suite) can miss that once and make it the next time, so a failed start is retried from scratch.
+        failures: list[str] = []
+        for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
             try:
                 ray.init(
                     num_cpus=self.settings.local_num_cpus or os.cpu_count(),
@@ -448,10 +459,12 @@ class RayBackend:
                     object_store_memory=self.settings.object_store_mib * 1024 * 1024,
                     **quiet,
                 )
-            except Exception as exc:  # e.g. "the current node timed out during startup" on a starved machine
-                raise OSError(f"cannot start a local Ray: {type(exc).__name__}: {exc}") from None
-            self._started_ray, mode = True, "started"
-        log_event(logging.INFO, "ray_connected", mode=mode, address=self.address or "local")
+                return
+            except Exception as exc:  # e.g. "the current node timed out during startup"
+                failures.append(f"attempt {attempt}: {type(exc).__name__}: {exc}")
+                log_event(logging.WARNING, "ray_start_failed", attempt=attempt, error=f"{type(exc).__name__}: {exc}")
+                ray.shutdown()  # kills what this attempt started, so the next one begins clean
+        raise OSError(f"cannot start a local Ray ({'; '.join(failures)}){_raylet_log_tail()}")
 
     def _deploy(
         self, serve: Any, bundle: Bundle, tier: str, graphs: dict[str, str], fmt: str, threads: int | None
@@ -522,6 +535,19 @@ class RayBackend:
                 log_event(logging.WARNING, "ray_shutdown_step_failed", step=step, error=f"{type(exc).__name__}")
         if steps:
             log_event(logging.INFO, "ray_closed", app=self.app_name, steps=[s for s, _ in steps])
+
+
+def _raylet_log_tail(lines: int = 20) -> str:
+    """The end of the last local Ray's raylet log, so a failed start says why the raylet did not come up."""
+    for name in ("raylet.err", "raylet.out"):
+        path = RAY_SESSION_LOGS / name
+        try:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        if any(line.strip() for line in tail):
+            return f"\n--- last lines of {path} ---\n" + "\n".join(tail)
+    return ""
 
 
 def ray_is_installed() -> bool:

@@ -5,7 +5,8 @@ A run is a folder:
     split.npz         indices of the training subset and of the held-out calibration split
     model/            the trained model (safetensors, configs, tokenizer.json)
     checkpoint/       the last finished epoch (model, optimizer, scheduler): what ``--resume`` reads
-    dynamics.npz      gold-label probability and correctness per epoch, sample and exit
+    dynamics.npz      gold-label probability and correctness per epoch, sample and exit, for the trained
+                      samples and (calib_*) for the held-out calibration split, which is never trained on
     cartography.npz / cartography.json / data_map.png
 """
 
@@ -240,6 +241,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
 
     gold_prob = np.full((cfg.epochs, len(train_set), EXITS), np.nan, dtype=np.float32)
     correct = np.zeros((cfg.epochs, len(train_set), EXITS), dtype=bool)
+    # held-out dynamics: the calibration split's gold-label probability after every epoch (a forward
+    # pass, no training on it), so groups can describe how the model treats samples it never saw
+    calib_set = train_pool.subset(calib_idx)
+    calib_gold = np.full((cfg.epochs, len(calib_idx), EXITS), np.nan, dtype=np.float32)
+    calib_correct = np.zeros((cfg.epochs, len(calib_idx), EXITS), dtype=bool)
     first_epoch = 0
     if resume and (run / "checkpoint" / "state.json").is_file():
         ckpt = run / "checkpoint"
@@ -253,9 +259,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         with np.load(ckpt / "dynamics.npz") as saved:
             done = min(first_epoch, cfg.epochs)
             gold_prob[:done], correct[:done] = saved["gold_prob"][:done], saved["correct"][:done]
+            if "calib_gold_prob" in saved:  # a checkpoint from before held-out dynamics has none: left NaN
+                calib_gold[:done], calib_correct[:done] = saved["calib_gold_prob"][:done], saved["calib_correct"][:done]
         log(f"resuming {run} after epoch {first_epoch}")
 
     encoded = encode(tokenizer, train_set.texts, train_set.text_pairs)
+    calib_encoded = encode(tokenizer, calib_set.texts, calib_set.text_pairs)
     lengths = np.array([len(ids) for ids, _ in encoded])
     labels = torch.from_numpy(train_set.labels)
     weights = torch.tensor(exit_weights(model.config.exit_depths()), dtype=torch.float32)
@@ -284,14 +293,27 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                     correct[epoch, idx, k] = (p.argmax(-1) == y).numpy()
             running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
             bar.set_postfix(loss=f"{running:.3f}")
-        _save_checkpoint(run, model, optimizer, scheduler, epoch + 1, {"gold_prob": gold_prob, "correct": correct})
+        calib_probs, _ = predict_probs(model, calib_encoded, cfg.batch_size, progress="held-out dynamics")
+        calib_gold[epoch] = calib_probs[:, np.arange(len(calib_idx)), calib_set.labels].T
+        calib_correct[epoch] = (calib_probs.argmax(-1) == calib_set.labels[None, :]).T
+        dynamics = {"gold_prob": gold_prob, "correct": correct, "calib_gold_prob": calib_gold,
+                    "calib_correct": calib_correct}  # fmt: skip
+        _save_checkpoint(run, model, optimizer, scheduler, epoch + 1, dynamics)
         log(
             f"epoch {epoch + 1}: train accuracy per exit (device/edge/final) "
             + "/".join(f"{correct[epoch, :, k].mean():.3f}" for k in range(EXITS))
         )
 
     model.save(run / "model")
-    np.savez(run / "dynamics.npz", gold_prob=gold_prob, correct=correct, sample_index=train_idx)
+    np.savez(
+        run / "dynamics.npz",
+        gold_prob=gold_prob,
+        correct=correct,
+        sample_index=train_idx,
+        calib_gold_prob=calib_gold,
+        calib_correct=calib_correct,
+        calib_index=calib_idx,
+    )
 
     carto = compute_cartography(gold_prob, correct)
     groups = assign_groups(carto, cfg.grouping)

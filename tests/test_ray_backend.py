@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 import pytest
 
+from cloud_server import ray_backend
 from cloud_server.ray_backend import RaySettings, bucket_for, pad_to, seq_buckets
 from cloud_server.server import build_cloud_server
 from cloud_server.tier import ServerConfig, TierServer
@@ -107,6 +108,49 @@ def test_a_missing_ray_install_is_explained(bundle, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ValueError, match=re.escape("pip install 'cartosplit[ray]'")):
         build_cloud_server(ServerConfig(bundle, backend="ray"))
+
+
+class _FlakyRay:
+    """A stand-in for the ``ray`` module whose local start times out ``failures`` times, then works."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.inits, self.shutdowns = failures, 0, 0
+
+    def init(self, **kwargs) -> None:
+        self.inits += 1
+        if self.inits <= self.failures:
+            raise Exception("The current node timed out during startup.")
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def _bare_backend() -> ray_backend.RayBackend:
+    backend = object.__new__(ray_backend.RayBackend)  # no ray import: only _connect's local start is tested
+    backend.address, backend.settings = None, RaySettings()
+    backend._started_ray = backend._connected = False
+    return backend
+
+
+def test_a_local_ray_that_misses_its_start_window_is_retried():
+    flaky, backend = _FlakyRay(failures=ray_backend.LOCAL_START_ATTEMPTS - 1), _bare_backend()
+    flaky.is_initialized = lambda: False
+    backend._connect(flaky)
+    assert backend._started_ray
+    assert (flaky.inits, flaky.shutdowns) == (ray_backend.LOCAL_START_ATTEMPTS, ray_backend.LOCAL_START_ATTEMPTS - 1)
+
+
+def test_a_local_ray_that_never_starts_says_each_attempt_and_the_raylet_log(tmp_path, monkeypatch):
+    (tmp_path / "raylet.err").write_text("a line\nplasma store: not enough shared memory\n")
+    monkeypatch.setattr(ray_backend, "RAY_SESSION_LOGS", tmp_path)
+    flaky, backend = _FlakyRay(failures=99), _bare_backend()
+    flaky.is_initialized = lambda: False
+    with pytest.raises(OSError, match="cannot start a local Ray") as caught:
+        backend._connect(flaky)
+    message = str(caught.value)
+    assert message.count("timed out during startup") == ray_backend.LOCAL_START_ATTEMPTS
+    assert "not enough shared memory" in message
+    assert not backend._started_ray and flaky.shutdowns == ray_backend.LOCAL_START_ATTEMPTS
 
 
 # ------------------------------------------------------------------------------------- with a local Ray
