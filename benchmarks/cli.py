@@ -13,7 +13,7 @@ import importlib
 # name -> (module, one-line help). Keep in the order a reader would run them.
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "tradeoff": ("benchmarks.tradeoff", "accuracy vs cost on a GLUE task: cartosplit against every baseline"),
-    "router-variants": ("benchmarks.router_variants", "router kind x depth on one calibrated run"),
+    "router": ("benchmarks.router_gain", "every router variant vs the cascade at the same guarantee, per cost profile"),
     "export-formats": ("benchmarks.export_formats", "dev accuracy and device latency per exported format"),
     "latency": ("benchmarks.latency", "device/edge/cloud slice latency per runtime, batch and length"),
     "bytes": ("benchmarks.wire_bytes", "bytes per offloaded sample per activation encoding, accuracy change"),

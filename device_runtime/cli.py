@@ -129,7 +129,40 @@ def _add_calibrate_args(p: argparse.ArgumentParser, with_run: bool) -> None:
     if with_run:
         p.add_argument("--run", required=True, help="run folder written by `cartosplit train`")
     r = p.add_argument_group("router")
-    r.add_argument("--router", choices=("logreg", "mlp", "centroid"), default="logreg", help="(default: logreg)")
+    r.add_argument(
+        "--router",
+        choices=("logreg", "mlp", "centroid", "knn"),
+        default="logreg",
+        help="knn: the k nearest reference samples' groups (default: logreg)",
+    )
+    r.add_argument(
+        "--router-groups",
+        choices=("train", "heldout", "outcome"),
+        default="train",
+        help="what the router learns: train = cartography of the trained samples (the paper's reading); "
+        "heldout = cartography of the calibration split's per-epoch dynamics, never trained on; outcome = "
+        "the cheapest exit that is right on held-out samples (no cartography). Held-out targets fit the "
+        "router on the calibration path samples (default: %(default)s)",
+    )
+    r.add_argument(
+        "--grouping",
+        choices=("fixed", "adaptive"),
+        default="fixed",
+        help="fixed: the run's confidence/variability thresholds; adaptive: by rank, no tier left empty "
+        "(default: %(default)s)",
+    )
+    r.add_argument(
+        "--free-features",
+        action="store_true",
+        help="logreg/mlp: add what costs nothing at the router's depth: a tiny label head's confidence and "
+        "entropy, and the token count",
+    )
+    r.add_argument(
+        "--keep-router",
+        action="store_true",
+        help="deploy the router even if it is no better than the majority group or the device exit's "
+        "confidence on held-out data (by default such a router is refused and the policy is the cascade)",
+    )
     r.add_argument(
         "--router-depth",
         type=int,
@@ -189,7 +222,7 @@ def _calibrate_config(args: argparse.Namespace, run: str):
 
     return CalibrateConfig(
         run=run,
-        router=RouterConfig(kind=args.router, depth=args.router_depth),
+        router=RouterConfig(kind=args.router, depth=args.router_depth, **_router_extras(args)),
         costs=args.costs,
         objective=Objective(args.objective, args.max_drop, args.beta),
         metric=args.metric,
@@ -197,7 +230,18 @@ def _calibrate_config(args: argparse.Namespace, run: str):
         delta=args.delta,
         reference=args.reference,
         calib_file=args.calib_file,
+        router_groups=args.router_groups,
+        grouping=args.grouping,
+        keep_router=args.keep_router,
     )
+
+
+def _router_extras(args: argparse.Namespace) -> dict:
+    if not args.free_features:
+        return {}
+    if args.router not in ("logreg", "mlp"):
+        raise SystemExit("--free-features applies to --router logreg or mlp")
+    return {"free_features": True}
 
 
 def cmd_train(args: argparse.Namespace) -> int:

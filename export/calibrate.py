@@ -18,10 +18,12 @@ from device_runtime.costs import TIER_CLOUD_DIRECT, TIER_DEVICE, TIER_EDGE, Cost
 from device_runtime.metrics import set_metric
 from device_runtime.policy import ExitSignals, Objective, answers, evaluate_tiers, oracle_tiers, route, search_policy
 from device_runtime.text import encode, load_tokenizer
+from export.cartography import Cartography
 from export.data import DataError, load_calibration_file, task_spec
 from export.model import MultiExitBert
 from export.risk_control import Guarantee, calibrate_along_path, plain_search_statement
-from export.router import RouterConfig, fit_router, router_probs, save_router
+from export.router import RouterConfig, save_router
+from export.router_variant import FittedRouter, RouterVariant, fit_variant
 from export.train import load_datasets, load_run, predict_probs
 
 CALIBRATION_FILE = "calibration.json"
@@ -41,6 +43,9 @@ class CalibrateConfig:
     calib_file: str | None = None  # the user's own in-domain calibration samples (labelled or not)
     path_fraction: float = 1 / 3  # without calib_file: share of the calibration split that shapes the path
     seed: int = 0
+    router_groups: str = "train"  # what the router learns: export.router_targets.GROUP_SOURCES
+    grouping: str = "fixed"  # fixed | adaptive (export.router_targets.GROUPINGS)
+    keep_router: bool = False  # deploy the router even when it loses on held-out data (the verdict says so)
     grid_size: int = 25
     margin_grid_size: int = 12
     batch_size: int = 64
@@ -135,8 +140,11 @@ class CalibrationData:
     model_config: object  # export.model.MultiExitConfig
     sets: dict  # name -> TextDataset for "train" (the trained subset), "calib" and "dev"
     forward: dict  # name -> (exit probabilities [3, N, K], {depth: pooled features [N, H]})
-    groups: np.ndarray  # cartography group per sample of sets["train"]
+    groups: np.ndarray  # cartography group per sample of sets["train"] (the run's fixed rule)
     trained_samples: int  # the run's whole training subset (sets["train"] is at most ROUTER_FIT_SAMPLES of it)
+    train_carto: Cartography  # confidence / variability of sets["train"], for other groupings
+    tokens: dict  # name -> token count per sample (the free router features read it)
+    heldout_dynamics: tuple | None  # the calibration split's (gold_prob, correct) per epoch, if recorded
 
 
 def load_calibration_data(run: str | Path, batch_size: int = 64) -> CalibrationData:
@@ -154,40 +162,53 @@ def load_calibration_data(run: str | Path, batch_size: int = 64) -> CalibrationD
         train_idx, calib_idx = split["train"], split["calib"]
     with np.load(run / "cartography.npz") as carto:
         groups = carto["groups"]
+        train_carto = Cartography(carto["confidence"], carto["variability"], carto["correctness"])
+    heldout = None
+    with np.load(run / "dynamics.npz") as dyn:
+        if "calib_gold_prob" in dyn and not np.isnan(dyn["calib_gold_prob"]).any():
+            heldout = (dyn["calib_gold_prob"], dyn["calib_correct"])
     trained = len(train_idx)
     if trained > ROUTER_FIT_SAMPLES:
         # a router of a few thousand parameters learns no more from 60,000 samples than from 20,000,
         # and the forward pass over the rest would be the slowest step of calibration
         pick = np.sort(np.random.default_rng(0).choice(trained, ROUTER_FIT_SAMPLES, replace=False))
         train_idx, groups = train_idx[pick], groups[pick]
+        train_carto = Cartography(*(a[pick] for a in (train_carto.confidence, train_carto.variability,
+                                                       train_carto.correctness)))  # fmt: skip
     depths = tuple(range(tcfg.device_split + 1))  # every router depth the device can use, computed once
     sets = {"train": pool.subset(train_idx), "calib": pool.subset(calib_idx), "dev": dev}
-    forward = {
-        name: _cached_forward(run, model, name, encode(tokenizer, ds.texts, ds.text_pairs), depths, batch_size)
-        for name, ds in sets.items()
-    }
-    return CalibrationData(run, tcfg, model.config, sets, forward, groups, trained)
+    forward, tokens = {}, {}
+    for name, ds in sets.items():
+        encoded = encode(tokenizer, ds.texts, ds.text_pairs)
+        tokens[name] = np.array([len(ids) for ids, _ in encoded], dtype=np.float32)
+        forward[name] = _cached_forward(run, model, name, encoded, depths, batch_size)
+    return CalibrationData(run, tcfg, model.config, sets, forward, groups, trained, train_carto, tokens, heldout)
 
 
-def _calibration_samples(cfg: CalibrateConfig, data: CalibrationData, router):
+def path_split(n_calib: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the calibration split that shape the path, and those that certify it (disjoint, seeded)."""
+    order = np.random.default_rng(seed).permutation(n_calib)
+    cut = max(1, round(fraction * n_calib))
+    path_idx, cert_idx = np.sort(order[:cut]), np.sort(order[cut:])
+    if len(cert_idx) == 0:
+        raise DataError(f"the calibration split has {n_calib} samples: too few to shape a path and certify")
+    return path_idx, cert_idx
+
+
+def _calibration_samples(cfg: CalibrateConfig, data: CalibrationData, fitted: FittedRouter, path_idx, cert_idx):
     """(path signals, path labels, calibration signals, calibration labels or None, source): where the
     path is shaped and where the guarantee is certified, never the same samples."""
     calib = data.sets["calib"]
-    depth = cfg.router.depth
-    split_signals = _signals(data.forward["calib"], router, depth)
+    split_signals = _signals(data.forward["calib"], fitted.calib_probs)
     if cfg.calib_file:
         user = load_calibration_file(cfg.calib_file, calib.label_names)
         if (user.text_pairs is None) != (calib.text_pairs is None):
             want = "text pairs (text, text_pair)" if calib.text_pairs is not None else "single texts"
             raise DataError(f"{cfg.calib_file}: this run's task takes {want}")
-        forward = _cached_file_forward(data.run, cfg.calib_file, user, data, cfg.batch_size)
+        forward, tokens = _cached_file_forward(data.run, cfg.calib_file, user, data, cfg.batch_size)
         source = f"{cfg.calib_file} ({len(user)} samples, {'labelled' if user.labels is not None else 'unlabelled'})"
-        return split_signals, calib.labels, _signals(forward, router, depth), user.labels, source
-    order = np.random.default_rng(cfg.seed).permutation(len(calib))
-    cut = max(1, round(cfg.path_fraction * len(calib)))
-    path_idx, cert_idx = np.sort(order[:cut]), np.sort(order[cut:])
-    if len(cert_idx) == 0:
-        raise DataError(f"the calibration split has {len(calib)} samples: too few to shape a path and certify")
+        file_signals = _signals(forward, fitted.predict(forward[1][cfg.router.depth], tokens))
+        return split_signals, calib.labels, file_signals, user.labels, source
     source = (
         f"the run's calibration split: {len(path_idx)} samples shape the path, {len(cert_idx)} certify it "
         "(held out from the training file; give in-domain samples with --calib-file)"
@@ -201,9 +222,9 @@ def _calibration_samples(cfg: CalibrateConfig, data: CalibrationData, router):
     )
 
 
-def _signals(forward: tuple, router, depth: int) -> ExitSignals:
-    probs, pooled = forward
-    return ExitSignals(probs[0], probs[1], probs[2], router_probs(router, pooled[depth]))
+def _signals(forward: tuple, router_probs: np.ndarray) -> ExitSignals:
+    probs = forward[0]
+    return ExitSignals(probs[0], probs[1], probs[2], router_probs)
 
 
 def _cached_file_forward(run: Path, path: str, user, data: CalibrationData, batch: int) -> tuple:
@@ -215,7 +236,8 @@ def _cached_file_forward(run: Path, path: str, user, data: CalibrationData, batc
     tokenizer = load_tokenizer(run / "model" / "tokenizer.json", data.train_config.max_length)
     depths = tuple(range(data.train_config.device_split + 1))
     encoded = encode(tokenizer, user.texts, user.text_pairs)
-    return _cached_forward(run, model, f"calibfile-{digest}", encoded, depths, batch)
+    tokens = np.array([len(ids) for ids, _ in encoded], dtype=np.float32)
+    return _cached_forward(run, model, f"calibfile-{digest}", encoded, depths, batch), tokens
 
 
 def calibrate(cfg: CalibrateConfig, log=print) -> dict:
@@ -234,12 +256,25 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     if cfg.guarantee != "none" and cfg.objective.kind != "max-drop":
         raise ValueError("a guarantee bounds the drop: use --objective max-drop, or --guarantee none for reward")
     data = load_calibration_data(run, cfg.batch_size)
-    sets, forward, groups = data.sets, data.forward, data.groups
+    sets, forward = data.sets, data.forward
     dev = sets["dev"]
 
-    router, report = fit_router(forward["train"][1][cfg.router.depth], groups, cfg.router)
-    signals = {name: _signals(forward[name], router, cfg.router.depth) for name in ("calib", "dev")}
-    path_signals, path_labels, cal_signals, cal_labels, source = _calibration_samples(cfg, data, router)
+    n_calib = len(sets["calib"])
+    # with a --calib-file the whole split shapes the path and the file certifies
+    path_idx, cert_idx = (
+        (np.arange(n_calib), None) if cfg.calib_file else path_split(n_calib, cfg.path_fraction, cfg.seed)
+    )
+    variant = RouterVariant(cfg.router, cfg.router_groups, cfg.grouping)
+    fitted = fit_variant(data, variant, path_idx, keep_anyway=cfg.keep_router)
+    router, verdict = fitted.router, fitted.verdict
+    signals = {
+        "calib": _signals(forward["calib"], fitted.calib_probs),
+        "dev": _signals(forward["dev"], fitted.dev_probs),
+    }
+    path_signals, path_labels, cal_signals, cal_labels, source = _calibration_samples(
+        cfg, data, fitted, path_idx, cert_idx
+    )
+    use_router = verdict.kept  # a router that lost on held-out data is not deployed: the policy is the cascade
 
     profile = CostProfile.from_json(cfg.costs) if cfg.costs else CostProfile()
     split = data.model_config.split_points(cfg.router.depth)
@@ -260,16 +295,19 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
         fit_labels = cal_labels if cal_labels is not None and reference == "label" else cal_signals.predictions()[2]
         objective = cfg.objective if fit_labels is cal_labels else Objective("max-drop", cfg.objective.max_drop)
         cascade = search_policy(cal_signals, fit_labels, tier_costs, objective, use_router=False, **grid).policy
-        dimec = search_policy(cal_signals, fit_labels, tier_costs, objective, use_router=True, **grid).policy
+        dimec = search_policy(cal_signals, fit_labels, tier_costs, objective, use_router=use_router, **grid).policy
         guarantee = None
     else:
         guarantee = Guarantee(cfg.guarantee, cfg.objective.max_drop / 100.0, cfg.delta, reference)
         found = {}
-        for name, use_router in (("cascade", False), ("dimec", True)):
-            found[name] = calibrate_along_path(
-                path_signals, path_labels if reference == "label" else None, cal_signals, cal_labels,
-                tier_costs, all_cloud_cost, guarantee, use_router, **grid,
-            )  # fmt: skip
+        for name, routed in (("cascade", False), ("dimec", True)):
+            if routed and not use_router:
+                found[name] = found["cascade"]  # the refused router's policy is the cascade's
+            else:
+                found[name] = calibrate_along_path(
+                    path_signals, path_labels if reference == "label" else None, cal_signals, cal_labels,
+                    tier_costs, all_cloud_cost, guarantee, routed, **grid,
+                )  # fmt: skip
             certification[name] = found[name].certification.to_dict()
         if found["dimec"].policy is None:
             cert = found["dimec"].certification
@@ -318,7 +356,7 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
         "all_cloud_cost": all_cloud_cost,
         "policy": dimec.to_dict(),
         "cascade_policy": cascade.to_dict() if cascade is not None else None,
-        "router": report.to_dict(),
+        "router": fitted.summary(),
         "results": results,
         "seconds": round(time.time() - started, 1),
     }
@@ -328,9 +366,9 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
         (run / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
     log(
-        f"router {report.kind}@depth {report.depth}: held-out accuracy {report.holdout_accuracy:.3f} "
-        f"(majority {report.majority_accuracy:.3f}) on {report.holdout_samples} samples; confusion "
-        f"(rows true easy/medium/hard): {report.confusion}"
+        f"router {variant.name}, fitted on {fitted.fitted_on}; groups easy/medium/hard "
+        + "/".join(f"{v:.0%}" for v in fitted.group_shares.values())
+        + f"; {verdict.reason} (on {verdict.samples} held-out calibration samples)"
     )
     cascade_text = _fmt_policy(cascade.to_dict()) if cascade is not None else "not certified"
     log(f"policy: {_fmt_policy(dimec.to_dict())}; cascade: {cascade_text}")

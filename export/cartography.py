@@ -72,6 +72,42 @@ def assign_groups(carto: Cartography, rule: GroupingRule) -> np.ndarray:
     return groups
 
 
+@dataclass(frozen=True)
+class AdaptiveGrouping:
+    """Groups by rank, so no tier is empty by construction (the fixed rule left QNLI 0 % easy).
+
+    Each exit's *learnedness* is confidence − variability. The ``easy_share`` of samples with the
+    highest learnedness at the device exit are easy; of the rest, the ``medium_share`` (of all samples)
+    with the highest learnedness at the edge exit are medium; the others are hard. The thresholds are
+    thus quantiles of the task's own confidence distribution, not constants."""
+
+    easy_share: float = 1 / 3
+    medium_share: float = 1 / 3
+
+    def __post_init__(self) -> None:
+        if not (0 < self.easy_share < 1 and 0 < self.medium_share < 1 and self.easy_share + self.medium_share < 1):
+            raise ValueError(
+                f"adaptive group shares must be in (0, 1) and sum below 1, got {self.easy_share}, {self.medium_share}"
+            )
+
+
+def assign_groups_adaptive(carto: Cartography, rule: AdaptiveGrouping) -> np.ndarray:
+    """Group index per sample by the ranks of learnedness (see ``AdaptiveGrouping``); ties broken by index."""
+    n = len(carto.confidence)
+    if n < 3:
+        raise ValueError(f"adaptive grouping needs at least 3 samples, got {n}")
+    learned = carto.confidence - carto.variability
+    n_easy = min(n - 2, max(1, round(rule.easy_share * n)))
+    n_medium = min(n - n_easy - 1, max(1, round(rule.medium_share * n)))
+    groups = np.full(n, HARD, dtype=np.int64)
+    easy = np.argsort(-learned[:, 0], kind="stable")[:n_easy]
+    groups[easy] = EASY
+    rest = np.flatnonzero(groups == HARD)
+    medium = rest[np.argsort(-learned[rest, 1], kind="stable")[:n_medium]]
+    groups[medium] = MEDIUM
+    return groups
+
+
 @dataclass
 class GroupSummary:
     counts: dict[str, int]

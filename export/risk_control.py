@@ -262,7 +262,7 @@ def candidate_paths(
 ) -> list[list[Policy]]:
     """Paths to choose from on the path data: interpolations through anchors at 0.5, 1, 2 and 4 pt of
     risk, and one shared threshold for both exits (the confidence early exit, with the 2 pt anchor's
-    router margins)."""
+    router margins); with the router, the cascade's paths as well."""
     paths = []
     for risk in (0.005, 0.01, ANCHOR_RISK, 0.04):
         anchor = anchor_policy(signals, labels, tier_costs, guarantee, use_router, risk=risk, **grid)
@@ -271,6 +271,10 @@ def candidate_paths(
             margins = (anchor.hard_margin, anchor.medium_margin)
     scores = np.concatenate([signals.probs_device.max(axis=1), signals.probs_edge.max(axis=1)])
     paths.append([Policy(float(t), float(t), *margins) for t in threshold_path(scores, steps)])
+    if use_router:
+        # the cascade's own paths too: a router whose paths do not beat them on the path data is left
+        # out of the policy (infinite margins) instead of making it dearer than the cascade
+        paths += candidate_paths(signals, labels, tier_costs, guarantee, False, steps, **grid)
     return paths
 
 

@@ -204,3 +204,23 @@ def test_calibrating_along_the_path_never_costs_more_for_a_larger_epsilon():
             spent.append(found.certification.mean_cost if found.policy is not None else ALL_CLOUD)
         assert all(a >= b - 1e-12 for a, b in itertools.pairwise(spent)), spent
         assert spent[-1] < ALL_CLOUD
+
+
+def test_a_router_that_says_nothing_falls_back_to_the_cascade_s_path():
+    """The router's candidates include the cascade's paths, so on the path data its chosen path never
+    scores worse than the cascade's (a noise router may still win there by chance: that is what the
+    held-out verdict and the certification are for)."""
+    from export.risk_control import choose_path, path_score
+
+    signals, labels = population(1500, seed=10)
+    noise = np.random.default_rng(11).dirichlet(np.ones(3), len(labels))
+    routed = ExitSignals(signals.probs_device, signals.probs_edge, signals.probs_final, noise)
+    guarantee = Guarantee("crc", epsilon=0.01)
+
+    def score(path):
+        tiers = np.stack([route(p, routed) for p in path])
+        return path_score(sample_losses(tiers, routed, labels, "label"), COSTS[tiers].mean(axis=1))
+
+    with_router = choose_path(routed, labels, COSTS, guarantee, use_router=True, grid_size=10, margin_grid_size=6)
+    cascade = choose_path(routed, labels, COSTS, guarantee, use_router=False, grid_size=10, margin_grid_size=6)
+    assert score(with_router) <= score(cascade) + 1e-12

@@ -1,0 +1,388 @@
+"""Does the router earn its place? Every router variant against the cascade, at the same guarantee, per cost profile.
+
+    cartosplit bench router --task sst2 --task mrpc --task rte --task cola
+
+Per task (a trained run from ``bench tradeoff``; a run under ``--heldout-runs-dir`` is preferred when it
+recorded the calibration split's dynamics, which the held-out groups need):
+
+1. the calibration split from the training file is cut once per ``--splits`` seed into path samples
+   (a third) and certifying samples; dev is only ever evaluated;
+2. every variant is fitted (``export.router_variant``): kind (logreg, knn, logreg with free features)
+   x depth 0..d x target (train / held-out cartography, fixed / adaptive grouping, or the outcome);
+   its verdict (group accuracy vs the majority, AUROC of P(hard) vs the device confidence's on
+   "no early exit is right") is taken on the path samples;
+3. for each cost profile (unit, measured ms and mJ, the cited per-device x link profiles), the cascade
+   and each variant are calibrated along their paths with the same guarantee (``--guarantee``, default
+   CRC: E[risk] <= epsilon) and evaluated on dev, with paired bootstrap intervals;
+4. the best variant is chosen on the PATH samples (lowest ``path_score``), never on dev or on the
+   certifying samples, so its dev cut is an honest estimate; ``gain_pt`` = its dev cut minus the
+   cascade's, in points of cost cut;
+5. the regime map: the best variants' gain over the cascade as the device's per-layer cost is scaled
+   against the link (``router-regimes.png``), with the named device profiles marked on it.
+
+Writes ``router.json`` (per task and profile: cascade_cut, best_variant, best_variant_cut, gain_pt,
+guarantee; the variants' rows and verdicts under ``details``), ``router.md`` and ``router-regimes.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from benchmarks.report import bench_command
+from device_runtime.costs import CostProfile
+from device_runtime.policy import ExitSignals, answers, route
+
+RESULTS = Path("benchmarks/results")
+KINDS = ("logreg", "knn", "logreg+free")
+TARGETS = (
+    ("train", "fixed"),
+    ("train", "adaptive"),
+    ("heldout", "fixed"),
+    ("heldout", "adaptive"),
+    ("outcome", "fixed"),
+)
+REGIME_FACTORS = tuple(float(f) for f in np.geomspace(1 / 8, 64, 10))
+BOOT = 1000
+
+
+def _router_config(kind: str, depth: int):
+    from export.router import RouterConfig
+
+    if kind == "logreg+free":
+        return RouterConfig(kind="logreg", depth=depth, free_features=True)
+    return RouterConfig(kind=kind, depth=depth)
+
+
+def load_profiles(extra_dir: Path | None) -> dict[str, CostProfile]:
+    """unit, the measured ms / mJ profiles of this repo's benchmarks, and the per-device ones if written."""
+    profiles = {"unit": CostProfile()}
+    for name in ("ms", "mJ"):
+        path = RESULTS / f"cost-profile-{name}.json"
+        if path.is_file():
+            profiles[f"measured-x86-{name}"] = CostProfile.from_json(path)
+    if extra_dir is not None and extra_dir.is_dir():
+        for path in sorted(extra_dir.glob("*.json")):
+            if path.name != "index.json":
+                profiles[path.stem] = CostProfile.from_json(path)
+    return profiles
+
+
+def _dev_row(policy, signals: ExitSignals, labels: np.ndarray, tier_costs, all_cloud: float, idx) -> dict:
+    """Cut (percent of all-cloud's cost) and accuracy drop on dev, with paired bootstrap arrays kept."""
+    final = signals.predictions()[2]
+    if policy is None:  # refused: all-cloud
+        tiers = None
+        cost = np.full(len(labels), all_cloud)
+        given = final
+    else:
+        tiers = route(policy, signals)
+        cost, given = tier_costs[tiers], answers(tiers, signals)
+    lost = (final == labels).astype(float) - (given == labels).astype(float)
+    boot_cut = 100 * (1 - cost[idx].mean(axis=1) / all_cloud)
+    row = {
+        "cut": float(100 * (1 - cost.mean() / all_cloud)),
+        "acc_drop_pt": float(100 * lost.mean()),
+        "acc_drop_pt_ci95": [float(v) for v in np.quantile(100 * lost[idx].mean(axis=1), [0.025, 0.975])],
+        "cloud_direct": 0.0 if tiers is None else float((tiers == 3).mean()),
+        "_boot_cut": boot_cut,
+    }
+    row["cut_ci95"] = [float(v) for v in np.quantile(boot_cut, [0.025, 0.975])]
+    return row
+
+
+def _path_score(pc, signals: ExitSignals, labels, tier_costs, guarantee) -> float:
+    from export.risk_control import path_score, sample_losses
+
+    tiers = np.stack([route(p, signals) for p in pc.path])
+    return path_score(sample_losses(tiers, signals, labels, guarantee.reference), tier_costs[tiers].mean(axis=1))
+
+
+def calibrate_one(fitted, use_router, data, path_idx, cert_idx, profile, guarantee, grid, idx, dev_labels):
+    """One method (the cascade when ``fitted`` is None) under one profile: certified policy, dev row, path score."""
+    from export.risk_control import calibrate_along_path
+
+    depth = fitted.variant.router.depth if fitted is not None else 0
+    split = data.model_config.split_points(depth)
+    tier_costs, all_cloud = profile.tier_costs(split), profile.all_cloud_cost(split)
+    probs_c, probs_d = data.forward["calib"][0], data.forward["dev"][0]
+    rp_c = fitted.calib_probs if fitted is not None else None
+    rp_d = fitted.dev_probs if fitted is not None else None
+    calib = ExitSignals(probs_c[0], probs_c[1], probs_c[2], rp_c)
+    dev = ExitSignals(probs_d[0], probs_d[1], probs_d[2], rp_d)
+    labels = data.sets["calib"].labels
+    pc = calibrate_along_path(
+        calib.subset(path_idx), labels[path_idx], calib.subset(cert_idx), labels[cert_idx],
+        tier_costs, all_cloud, guarantee, use_router, **grid,
+    )  # fmt: skip
+    row = _dev_row(pc.policy, dev, dev_labels, tier_costs, all_cloud, idx)
+    row["certified"] = pc.policy is not None
+    row["bound_pt"] = float(100 * pc.certification.bound) if pc.certification.bound is not None else None
+    row["path_score"] = _path_score(pc, calib.subset(path_idx), labels[path_idx], tier_costs, guarantee) / all_cloud
+    return row
+
+
+def evaluate_task(task: str, run: Path, args: argparse.Namespace, profiles: dict[str, CostProfile]) -> dict:
+    from export.calibrate import load_calibration_data, path_split
+    from export.risk_control import Guarantee
+    from export.router_variant import RouterVariant, fit_variant
+
+    data = load_calibration_data(run)
+    dev_labels = data.sets["dev"].labels
+    idx = np.random.default_rng(12345).integers(0, len(dev_labels), (BOOT, len(dev_labels)))
+    guarantee = Guarantee(args.guarantee, args.max_drop / 100, args.delta, "label")
+    grid = {"grid_size": args.grid_size, "margin_grid_size": args.margin_grid_size}
+    depths = range(data.train_config.device_split + 1)
+    out = {"run": str(run), "heldout_dynamics": data.heldout_dynamics is not None, "splits": {}}
+    for seed in range(args.splits):
+        path_idx, cert_idx = path_split(len(data.sets["calib"]), 1 / 3, seed)
+        fitted, skipped = [], []
+        variants = [
+            RouterVariant(_router_config(kind, depth), groups, grouping)
+            for depth in depths
+            for kind in args.kinds
+            for groups, grouping in TARGETS
+        ]
+        for variant in tqdm(variants, desc=f"{task} fit routers (split {seed})", leave=False):
+            if variant.groups == "heldout" and data.heldout_dynamics is None:
+                skipped.append(variant.name)
+                continue
+            fitted.append(fit_variant(data, variant, path_idx))
+        per_profile = {}
+        for pname, profile in tqdm(profiles.items(), desc=f"{task} profiles (split {seed})", leave=False):
+            cascade = calibrate_one(None, False, data, path_idx, cert_idx, profile, guarantee, grid, idx, dev_labels)
+            rows = []
+            for f in fitted:
+                row = calibrate_one(f, True, data, path_idx, cert_idx, profile, guarantee, grid, idx, dev_labels)
+                gain_boot = row.pop("_boot_cut") - cascade["_boot_cut"]
+                row.update(
+                    variant=f.variant.name,
+                    kept=f.verdict.kept,
+                    gain_pt=row["cut"] - cascade["cut"],
+                    gain_ci95=[float(v) for v in np.quantile(gain_boot, [0.025, 0.975])],
+                )
+                rows.append(row)
+            cascade.pop("_boot_cut")
+            per_profile[pname] = {"cascade": cascade, "variants": rows}
+        verdicts = {
+            f.variant.name: {
+                **f.verdict.to_dict(),
+                "group_shares": f.group_shares,
+                "fitted_on": f.fitted_on,
+            }
+            for f in fitted
+        }
+        out["splits"][str(seed)] = {"profiles": per_profile, "verdicts": verdicts, "skipped": skipped}
+        if seed == 0:
+            out["regimes"] = regime_sweep(fitted, data, path_idx, cert_idx, profiles, guarantee, grid, idx, dev_labels)
+    return out
+
+
+def regime_sweep(fitted, data, path_idx, cert_idx, profiles, guarantee, grid, idx, dev_labels) -> dict:
+    """Gain of the best variant (chosen on path samples) over the cascade as the device cost is scaled."""
+    base = profiles.get("measured-x86-ms", CostProfile())
+    # a shortlist: the five variants with the best path score under the base profile, to keep it fast
+    scored = [
+        (calibrate_one(f, True, data, path_idx, cert_idx, base, guarantee, grid, idx, dev_labels)["path_score"], i)
+        for i, f in enumerate(fitted)
+    ]
+    shortlist = [fitted[i] for _, i in sorted(scored)[:5]]
+    points = []
+    for factor in tqdm(REGIME_FACTORS, desc="regimes", leave=False):
+        profile = replace(base, device_per_layer=base.device_per_layer * factor, source=f"{base.source} x{factor:g}")
+        cascade = calibrate_one(None, False, data, path_idx, cert_idx, profile, guarantee, grid, idx, dev_labels)
+        rows = [
+            calibrate_one(f, True, data, path_idx, cert_idx, profile, guarantee, grid, idx, dev_labels)
+            for f in shortlist
+        ]
+        best = min(range(len(rows)), key=lambda i: rows[i]["path_score"])
+        gain_boot = rows[best]["_boot_cut"] - cascade["_boot_cut"]
+        points.append(
+            {
+                "device_factor": factor,
+                "ratio": device_link_ratio(profile),
+                "cascade_cut": cascade["cut"],
+                "best_variant": shortlist[best].variant.name,
+                "best_variant_cut": rows[best]["cut"],
+                "gain_pt": rows[best]["cut"] - cascade["cut"],
+                "gain_ci95": [float(v) for v in np.quantile(gain_boot, [0.025, 0.975])],
+            }
+        )
+    return {"base_profile": base.source, "points": points}
+
+
+def device_link_ratio(profile: CostProfile) -> float:
+    """Device cost of the layers a hard sample skips (from depth 0 to d = 2) over its token hop to the cloud."""
+    hop = profile.device_to_cloud_tokens if profile.device_to_cloud_tokens is not None else profile.device_to_cloud
+    return float(2 * profile.device_per_layer / hop) if hop > 0 else math.inf
+
+
+def headline(task_result: dict, guarantee: dict) -> dict:
+    """Per profile, on split 0: the issue's keys. The best variant is the one with the lowest path score."""
+    split = task_result["splits"]["0"]
+    out = {}
+    for pname, res in split["profiles"].items():
+        rows = res["variants"]
+        if not rows:
+            continue
+        best = min(rows, key=lambda r: r["path_score"])
+        out[pname] = {
+            "cascade_cut": round(res["cascade"]["cut"], 2),
+            "best_variant": best["variant"],
+            "best_variant_cut": round(best["cut"], 2),
+            "gain_pt": round(best["gain_pt"], 2),
+            "gain_ci95": [round(v, 2) for v in best["gain_ci95"]],
+            "best_variant_kept_by_verdict": best["kept"],
+            "best_on_dev_gain_pt": round(max(r["gain_pt"] for r in rows), 2),  # an upper bound: chosen on dev
+            "guarantee": guarantee,
+        }
+    return out
+
+
+def plot_regimes(results: dict, profiles: dict[str, CostProfile], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for task, res in results.items():
+        pts = res.get("regimes", {}).get("points", [])
+        if not pts:
+            continue
+        x = [p["ratio"] for p in pts]
+        ax.plot(x, [p["gain_pt"] for p in pts], marker="o", label=task)
+        lo, hi = zip(*(p["gain_ci95"] for p in pts), strict=True)
+        ax.fill_between(x, lo, hi, alpha=0.12)
+    for name, profile in profiles.items():
+        if name.endswith("-ms") or name == "unit":
+            ratio = device_link_ratio(profile)
+            ax.axvline(ratio, color="grey", lw=0.6, ls=":")
+            ax.text(ratio, ax.get_ylim()[1], name, rotation=90, fontsize=6, va="top", ha="right", color="grey")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axhline(3, color="tab:red", lw=0.6, ls="--", label="goal: +3 pt")
+    ax.set_xscale("log")
+    ax.set_xlabel("device cost of layers 1..d / the token hop to the cloud (scaled ms profile)")
+    ax.set_ylabel("router gain over the cascade (pt of cost cut, dev)")
+    ax.set_title("Where the router pays: gain at the same guarantee")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Does the router earn its place?",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}  ",
+        f"Guarantee: {report['guarantee']['statement']}; calibration split from the training file, a third "
+        "shapes the path, two thirds certify; dev only evaluated. Cuts in % of all-cloud's cost; "
+        "gain = best variant's cut − cascade's (points), best variant chosen on the path samples.",
+        "",
+        "| task | profile | cascade cut | best variant (path-chosen) | its cut | gain pt [95 % CI] | kept by verdict "
+        "| best on dev (upper bound) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task, per in report["router"].items():
+        for pname, h in per.items():
+            lines.append(
+                f"| {task} | {pname} | {h['cascade_cut']:.1f} | {h['best_variant']} | {h['best_variant_cut']:.1f} "
+                f"| {h['gain_pt']:+.1f} [{h['gain_ci95'][0]:+.1f}, {h['gain_ci95'][1]:+.1f}] "
+                f"| {'yes' if h['best_variant_kept_by_verdict'] else 'no'} | {h['best_on_dev_gain_pt']:+.1f} |"
+            )
+    lines += ["", "## Verdicts (split 0, path samples)", ""]
+    lines += ["| task | variant | kept | group acc. (majority) | AUROC router / device conf. | groups e/m/h |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for task, res in report["details"].items():
+        for name, v in res["splits"]["0"]["verdicts"].items():
+            shares = "/".join(f"{100 * s:.0f}" for s in v["group_shares"].values())
+            lines.append(
+                f"| {task} | {name} | {'yes' if v['kept'] else 'no'} | {v['router_accuracy']:.3f} "
+                f"({v['majority_accuracy']:.3f}) | {v['router_auroc']:.3f} / {v['confidence_auroc']:.3f} | {shares} |"
+            )
+    lines += ["", "## Regime map (measured-x86-ms scaled; best of a 5-variant shortlist per point)", ""]
+    lines += ["| task | device factor | device/link ratio | cascade cut | best variant | gain pt [95 % CI] |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for task, res in report["details"].items():
+        for p in res.get("regimes", {}).get("points", []):
+            lines.append(
+                f"| {task} | x{p['device_factor']:.3g} | {p['ratio']:.3g} | {p['cascade_cut']:.1f} "
+                f"| {p['best_variant']} | {p['gain_pt']:+.1f} [{p['gain_ci95'][0]:+.1f}, {p['gain_ci95'][1]:+.1f}] |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", action="append", choices=("sst2", "mrpc", "rte", "cola"), required=True)
+    parser.add_argument("--runs-dir", default="runs/bench", help="trained runs from `bench tradeoff`")
+    parser.add_argument(
+        "--heldout-runs-dir", default="runs/bench-ho", help="runs with held-out dynamics, preferred when finished"
+    )
+    parser.add_argument("--profiles-dir", default=str(RESULTS / "device-profiles"), help="per-device cost profiles")
+    parser.add_argument("--guarantee", choices=("crc", "ltt"), default="crc")
+    parser.add_argument("--max-drop", type=float, default=0.5)
+    parser.add_argument("--delta", type=float, default=0.1)
+    parser.add_argument("--splits", type=int, default=1, help="path/certify cuts of the calibration split")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--grid-size", type=int, default=20)
+    parser.add_argument("--margin-grid-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(RESULTS / "router"), help="path prefix for .json, .md, -regimes.png")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from benchmarks.machine import describe_machine
+    from export.risk_control import Guarantee
+
+    torch.set_num_threads(args.threads)
+    profiles = load_profiles(Path(args.profiles_dir))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")  # resumable: finished tasks are kept across runs
+    details = json.loads(partial.read_text()) if partial.is_file() else {}
+    guarantee = Guarantee(args.guarantee, args.max_drop / 100, args.delta, "label")
+    g = {"kind": args.guarantee, "epsilon_pt": args.max_drop, "delta": args.delta if args.guarantee == "ltt" else None,
+         "statement": guarantee.describe()}  # fmt: skip
+    started = time.time()
+    for task in args.task:
+        if task in details:
+            continue
+        heldout = Path(args.heldout_runs_dir) / task
+        run = heldout if (heldout / "run.json").is_file() and _finished(heldout) else Path(args.runs_dir) / task
+        print(f"{task}: {run}", file=sys.stderr)
+        details[task] = evaluate_task(task, run, args, profiles)
+        partial.write_text(json.dumps(details) + "\n")
+    report = {
+        "command": bench_command("router", argv if argv is not None else sys.argv[1:]),
+        "machine": describe_machine(),
+        "seconds": round(time.time() - started, 1),
+        "guarantee": g,
+        "profiles": {name: p.to_dict() for name, p in profiles.items()},
+        "router": {task: headline(res, g) for task, res in details.items()},
+        "details": details,
+    }
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    plot_regimes(details, profiles, out.parent / f"{out.name}-regimes.png")
+    print(markdown(report))
+    return 0
+
+
+def _finished(run: Path) -> bool:
+    return json.loads((run / "run.json").read_text()).get("status") in ("trained", "calibrated")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
