@@ -21,7 +21,7 @@ from device_runtime.text import encode, load_tokenizer
 from export.cartography import Cartography
 from export.data import DataError, load_calibration_file, task_spec
 from export.model import MultiExitBert
-from export.risk_control import Guarantee, calibrate_along_path, plain_search_statement
+from export.risk_control import Guarantee, calibrate_along_path, choose_path, plain_search_statement, score_path
 from export.router import RouterConfig, save_router
 from export.router_variant import FittedRouter, RouterVariant, fit_variant
 from export.train import load_datasets, load_run, predict_probs
@@ -266,7 +266,7 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     )
     variant = RouterVariant(cfg.router, cfg.router_groups, cfg.grouping)
     fitted = fit_variant(data, variant, path_idx, keep_anyway=cfg.keep_router)
-    router, verdict = fitted.router, fitted.verdict
+    router = fitted.router
     signals = {
         "calib": _signals(forward["calib"], fitted.calib_probs),
         "dev": _signals(forward["dev"], fitted.dev_probs),
@@ -274,7 +274,6 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     path_signals, path_labels, cal_signals, cal_labels, source = _calibration_samples(
         cfg, data, fitted, path_idx, cert_idx
     )
-    use_router = verdict.kept  # a router that lost on held-out data is not deployed: the policy is the cascade
 
     profile = CostProfile.from_json(cfg.costs) if cfg.costs else CostProfile()
     split = data.model_config.split_points(cfg.router.depth)
@@ -289,6 +288,19 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     cfg = replace(cfg, objective=replace(cfg.objective, metric=metric))
 
     grid = {"grid_size": cfg.grid_size, "margin_grid_size": cfg.margin_grid_size}
+    # the verdict weighs what the router's path spares against the cascade's under this profile, on the
+    # path samples only (the certifying ones are never used to choose)
+    judged_by = Guarantee("crc" if cfg.guarantee == "none" else cfg.guarantee,
+                          min(max(cfg.objective.max_drop / 100.0, 1e-4), 0.99), cfg.delta, reference)  # fmt: skip
+    path_lab = path_labels if reference == "label" else None
+    scores = [
+        score_path(choose_path(path_signals, path_lab, tier_costs, judged_by, routed, **grid), path_signals,
+                   path_lab, tier_costs, judged_by)
+        for routed in (False, True)
+    ]  # fmt: skip
+    verdict = fitted.rejudge((scores[0] - scores[1]) / all_cloud_cost, cfg.keep_router)
+    fitted.verdict = verdict
+    use_router = verdict.kept  # a router that lost on held-out data is not deployed: the policy is the cascade
     certification = {}
     if cfg.guarantee == "none":
         # the plain search on the calibration samples; unlabelled ones bound the disagreement instead

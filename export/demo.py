@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from device_runtime.costs import CostProfile
+from device_runtime.policy import Policy
 from export.calibrate import CALIBRATION_FILE, CalibrateConfig, UncertifiableError, calibrate
 from export.train import RUN_FILE, TrainConfig, train
 
@@ -222,10 +223,16 @@ def run_demo(
     try:
         edge = ServerProcess(["serve-edge", *common, "--cloud", cloud.address], "edge")
         try:
+            calibration = json.loads((run / CALIBRATION_FILE).read_text())
             with DeviceRuntime(bundle, edge=edge.address, cloud=cloud.address, fmt=device_format) as device:
                 split = device.predict(texts, pairs)
                 all_cloud = device.predict_all_cloud(texts, pairs)
                 all_cloud_cost = device.all_cloud_cost
+                cascade = None
+                if calibration.get("cascade_policy") is not None:
+                    # the same run and servers with the router switched off: what the router contributes
+                    device.policy = Policy.from_dict(calibration["cascade_policy"])
+                    cascade = device.predict(texts, pairs)
         finally:
             edge.stop()
     finally:
@@ -235,10 +242,19 @@ def run_demo(
         _summary("DIMEC-DC (3 tiers)", split, labels, all_cloud_cost),
         _summary("all-cloud", all_cloud, labels, all_cloud_cost),
     ]
+    if cascade is not None:
+        rows.insert(1, _summary("router off (cascade)", cascade, labels, all_cloud_cost))
     log(f"\n{train_cfg.task} dev, {len(labels)} inputs, each sent through real gRPC servers on loopback:")
     log(format_demo_table(rows, bundle.manifest["cost_profile"].get("unit", "unit")))
+    router = calibration["router"]
+    profile = calibration["cost_profile"]
+    log(
+        f"router {router.get('variant', {}).get('name', router['kind'])}: {router['verdict']['reason']}; "
+        f"calibrated for the cost regime '{profile['source']}' ({profile['unit']}); where the router pays "
+        "across device and link regimes: benchmarks/results/router.md"
+    )
     guarantee = json.loads((run / CALIBRATION_FILE).read_text())["guarantee"]
-    drop = 100 * (rows[1]["accuracy"] - rows[0]["accuracy"])
+    drop = 100 * (rows[-1]["accuracy"] - rows[0]["accuracy"])
     low, high = paired_drop_interval(split, all_cloud, labels)
     asked = guarantee.get("requested_epsilon_pt")
     log(

@@ -322,6 +322,14 @@ def calibrate_along_path(
     return PathCalibration(path[cert.index] if cert.certified else None, cert, path)
 
 
+def score_path(
+    path: list[Policy], signals: ExitSignals, labels: np.ndarray | None, tier_costs: np.ndarray, guarantee: Guarantee
+) -> float:
+    """``path_score`` of a path on some samples (lower is better)."""
+    tiers = np.stack([route(p, signals) for p in path])
+    return path_score(sample_losses(tiers, signals, labels, guarantee.reference), tier_costs[tiers].mean(axis=1))
+
+
 def threshold_path(scores: np.ndarray, steps: int = 100) -> np.ndarray:
     """Shared exit thresholds from "never" (inf) down to 0 along quantiles of ``scores``: safest first."""
     levels = np.linspace(1.0, 0.0, steps + 1)
@@ -349,5 +357,6 @@ __all__ = [
     "path_score",
     "plain_search_statement",
     "sample_losses",
+    "score_path",
     "threshold_path",
 ]

@@ -58,8 +58,12 @@ class FittedRouter:
     fitted_on: str  # "trained samples" or "calibration path samples"
     calib_probs: np.ndarray  # [n_calib, 3]; out-of-fold on the path samples when fitted on them
     dev_probs: np.ndarray
-    verdict: RouterVerdict
+    verdict: RouterVerdict  # on the signals alone; ``rejudge`` adds what its path spares under a profile
     predict: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (pooled features, token counts) -> probs
+    evidence: tuple = ()  # judge_router's arguments, for rejudge
+
+    def rejudge(self, path_gain: float | None, keep_anyway: bool = False) -> RouterVerdict:
+        return judge_router(*self.evidence, keep_anyway=keep_anyway, path_gain=path_gain)
 
     def summary(self) -> dict:
         return {
@@ -134,14 +138,8 @@ def fit_variant(data, variant: RouterVariant, path_idx: np.ndarray, keep_anyway:
 
     device_conf = data.forward["calib"][0][0].max(axis=1)
     no_early_right = (calib_preds[0] != calib.labels) & (calib_preds[1] != calib.labels)
-    verdict = judge_router(
-        calib_probs[path_idx, HARD],
-        device_conf[path_idx],
-        no_early_right[path_idx],
-        accuracy,
-        majority,
-        keep_anyway,
-    )
+    evidence = (calib_probs[path_idx, HARD], device_conf[path_idx], no_early_right[path_idx], accuracy, majority)
+    verdict = judge_router(*evidence, keep_anyway=keep_anyway)
     return FittedRouter(
         variant=variant,
         router=router,
@@ -152,6 +150,7 @@ def fit_variant(data, variant: RouterVariant, path_idx: np.ndarray, keep_anyway:
         dev_probs=_probs(router, cfg, feats["dev"], toks["dev"]),
         verdict=verdict,
         predict=lambda features, tokens: _probs(router, cfg, features, tokens),
+        evidence=evidence,
     )
 
 

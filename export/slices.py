@@ -37,7 +37,8 @@ class DeviceHead(nn.Module):
         hidden = _embed(self.model, input_ids, token_type_ids)
         mask = self.model.additive_mask(attention_mask, hidden.dtype)
         hidden = self.model.run_layers(hidden, mask, 0, self.depth)
-        return self.router(self.model.pool(hidden, attention_mask)), hidden
+        # the token count is free at depth r; a router without free features leaves it out of the graph
+        return self.router(self.model.pool(hidden, attention_mask), attention_mask.sum(-1)), hidden
 
 
 class LayerSlice(nn.Module):
