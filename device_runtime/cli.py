@@ -166,8 +166,9 @@ def _add_calibrate_args(p: argparse.ArgumentParser, with_run: bool) -> None:
     r.add_argument(
         "--router-depth",
         type=int,
-        default=1,
-        help="layers run before the router decides; 0 = embedding output (default: %(default)s)",
+        default=0,
+        help="layers run before the router decides; 0 = embedding output, which spares the whole device slice "
+        "for a hard sample and won most device regimes in benchmarks/results/router.md (default: %(default)s)",
     )
     c = p.add_argument_group("costs and objective")
     c.add_argument(

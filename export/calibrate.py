@@ -21,7 +21,7 @@ from device_runtime.text import encode, load_tokenizer
 from export.cartography import Cartography
 from export.data import DataError, load_calibration_file, task_spec
 from export.model import MultiExitBert
-from export.risk_control import Guarantee, calibrate_along_path, choose_path, plain_search_statement, score_path
+from export.risk_control import Guarantee, calibrate_along_path, held_out_path_score, plain_search_statement
 from export.router import RouterConfig, save_router
 from export.router_variant import FittedRouter, RouterVariant, fit_variant
 from export.train import load_datasets, load_run, predict_probs
@@ -289,16 +289,16 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
 
     grid = {"grid_size": cfg.grid_size, "margin_grid_size": cfg.margin_grid_size}
     # the verdict weighs what the router's path spares against the cascade's under this profile, on the
-    # path samples only (the certifying ones are never used to choose)
+    # path samples only (the certifying ones are never used to choose), each path scored on the half of
+    # them it was not chosen on
     judged_by = Guarantee("crc" if cfg.guarantee == "none" else cfg.guarantee,
                           min(max(cfg.objective.max_drop / 100.0, 1e-4), 0.99), cfg.delta, reference)  # fmt: skip
     path_lab = path_labels if reference == "label" else None
     scores = [
-        score_path(choose_path(path_signals, path_lab, tier_costs, judged_by, routed, **grid), path_signals,
-                   path_lab, tier_costs, judged_by)
+        held_out_path_score(path_signals, path_lab, tier_costs, all_cloud_cost, judged_by, routed, cfg.seed, **grid)
         for routed in (False, True)
-    ]  # fmt: skip
-    verdict = fitted.rejudge((scores[0] - scores[1]) / all_cloud_cost, cfg.keep_router)
+    ]
+    verdict = fitted.rejudge(scores[0] - scores[1], cfg.keep_router)
     fitted.verdict = verdict
     use_router = verdict.kept  # a router that lost on held-out data is not deployed: the policy is the cascade
     certification = {}

@@ -323,11 +323,43 @@ def calibrate_along_path(
 
 
 def score_path(
-    path: list[Policy], signals: ExitSignals, labels: np.ndarray | None, tier_costs: np.ndarray, guarantee: Guarantee
+    path: list[Policy],
+    signals: ExitSignals,
+    labels: np.ndarray | None,
+    tier_costs: np.ndarray,
+    guarantee: Guarantee,
+    cap: float = math.inf,
 ) -> float:
-    """``path_score`` of a path on some samples (lower is better)."""
+    """``path_score`` of a path on some samples (lower is better); step costs above ``cap`` count as ``cap``
+    (a policy dearer than all-cloud is never deployed: all-cloud is)."""
     tiers = np.stack([route(p, signals) for p in path])
-    return path_score(sample_losses(tiers, signals, labels, guarantee.reference), tier_costs[tiers].mean(axis=1))
+    costs = np.minimum(tier_costs[tiers].mean(axis=1), cap)
+    return path_score(sample_losses(tiers, signals, labels, guarantee.reference), costs)
+
+
+def held_out_path_score(
+    signals: ExitSignals,
+    labels: np.ndarray | None,
+    tier_costs: np.ndarray,
+    all_cloud_cost: float,
+    guarantee: Guarantee,
+    use_router: bool,
+    seed: int = 0,
+    **grid: int,
+) -> float:
+    """The path score a method earns on samples its path was not chosen on: the path samples are halved
+    (seeded), the path chosen on each half and scored on the other, the two scores averaged, over the
+    all-cloud cost. Choosing among more candidate paths (the router's) flatters the in-sample score;
+    this does not, so comparing it between the router and the cascade is fair."""
+    order = np.random.default_rng(seed).permutation(len(signals))
+    halves = (np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :]))
+    scores = []
+    for fit, held in (halves, halves[::-1]):
+        fit_labels = None if labels is None else np.asarray(labels)[fit]
+        held_labels = None if labels is None else np.asarray(labels)[held]
+        path = choose_path(signals.subset(fit), fit_labels, tier_costs, guarantee, use_router, **grid)
+        scores.append(score_path(path, signals.subset(held), held_labels, tier_costs, guarantee, all_cloud_cost))
+    return float(np.mean(scores)) / all_cloud_cost
 
 
 def threshold_path(scores: np.ndarray, steps: int = 100) -> np.ndarray:
@@ -351,6 +383,7 @@ __all__ = [
     "choose_path",
     "crc_bounds",
     "exit_losses",
+    "held_out_path_score",
     "interpolated_path",
     "last_within",
     "ltt_bounds",

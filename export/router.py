@@ -42,7 +42,7 @@ _PROBS_CHUNK = 2048  # router_probs rows per forward: knn similarities are [rows
 @dataclass(frozen=True)
 class RouterConfig:
     kind: str = "logreg"
-    depth: int = 1  # pooled representation after this many layers (0 = embedding output)
+    depth: int = 0  # pooled representation after this many layers (0 = embedding output: router.md)
     hidden_units: int = 64
     steps: int = 300
     lr: float = 1e-2

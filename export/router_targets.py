@@ -13,9 +13,9 @@ variability <= 0.2 by default: ``export.cartography.GroupingRule``) or ``adaptiv
 empty: ``export.cartography.AdaptiveGrouping``).
 
 The verdict (``judge_router``): a router that is no better than always predicting the majority group,
-or whose P(hard) ranks "no early exit is right" no better than the device exit's own confidence does
-AND whose path does not beat the cascade's on the path samples under the cost profile, is refused and the
-policy is the cascade; calibration says so.
+or whose path does not beat the cascade's by >= 1 % of all-cloud's cost on held-out path samples under
+the run's cost profile (without a profile: whose P(hard) ranks "no early exit is right" no better than
+the device exit's confidence), is refused and the policy is the cascade; calibration says so.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from export.cartography import (
 )
 
 GROUP_SOURCES = ("train", "heldout", "outcome")
-MIN_PATH_GAIN = 0.01  # a router weaker than the device confidence must spare >= 1 % of all-cloud's cost
+MIN_PATH_GAIN = 0.01  # a deployed router must spare >= 1 % of all-cloud's cost over the cascade (held out)
 GROUPINGS = ("fixed", "adaptive")
 
 
@@ -115,15 +115,16 @@ def judge_router(
     path_gain: float | None = None,
     min_path_gain: float = MIN_PATH_GAIN,
 ) -> RouterVerdict:
-    """Keep the router only if it beats the majority group, and either ranks the samples no early exit
-    gets right better than the device exit's confidence or, given ``path_gain``, spares enough cost.
+    """Keep the router only if it beats the majority group and, given ``path_gain`` (what its path spares
+    over the cascade's under the run's cost profile, on held-out path samples, as a share of all-cloud's
+    cost), spares at least ``min_path_gain``; without ``path_gain``, only if its P(hard) ranks the samples
+    no early exit gets right better than the device exit's confidence does.
 
-    The confidence is the cascade's own signal, but the cascade pays the device slice to read it: a
-    router with a weaker signal still pays where device compute is dear, by what it spares before it.
-    So a weaker router is kept only when its path beats the cascade's on the held-out path samples by at
-    least ``min_path_gain`` of the all-cloud cost under the run's cost profile (benchmarks/results/
-    router.md: such routers gained many points of cut on a Pi or a phone and none on the x86 profile).
-    A router that loses every way is never deployed silently."""
+    The AUROC is reported either way, but it does not decide once the profile is known: the cascade pays
+    the device slice to read its confidence, so a router with a weaker signal still pays where device
+    compute is dear (benchmarks/results/router.md: gains on a Pi or a phone over LTE), and one with a
+    better signal that spares nothing changes nothing worth deploying. A router that loses is never
+    deployed silently."""
     target = np.asarray(no_early_exit_right, dtype=bool)
     r_auc = auroc(hard_prob, target)
     c_auc = auroc(1.0 - np.asarray(device_confidence), target)
@@ -133,22 +134,22 @@ def judge_router(
             f"its group accuracy {router_accuracy:.3f} is no better than the majority's {majority_accuracy:.3f}"
         )
     weaker = not (r_auc > c_auc)  # NaN (one class empty) counts as weaker: nothing shows it ranks anything
-    pays = path_gain is not None and path_gain >= min_path_gain
-    if weaker and not pays:
-        spared = "" if path_gain is None else f", and its path spares only {100 * path_gain:.1f} % of all-cloud's cost"
+    if path_gain is None:  # no cost profile to weigh it by: the signal alone decides
+        if weaker:
+            failures.append(
+                f"its P(hard) ranks 'no early exit is right' with AUROC {r_auc:.3f}, "
+                f"no better than the device exit's confidence ({c_auc:.3f})"
+            )
+    elif path_gain < min_path_gain:
         failures.append(
-            f"its P(hard) ranks 'no early exit is right' with AUROC {r_auc:.3f}, "
-            f"no better than the device exit's confidence ({c_auc:.3f}){spared}"
+            f"its path spares only {100 * path_gain:.1f} % of all-cloud's cost over the cascade's on held-out path "
+            f"samples (AUROC {r_auc:.3f} vs the device confidence's {c_auc:.3f})"
         )
     kept = not failures or keep_anyway
     if not failures:
-        if not weaker:
-            why = f"AUROC {r_auc:.3f} > the device confidence's {c_auc:.3f}"
-        else:
-            why = (
-                f"AUROC {r_auc:.3f} <= the device confidence's {c_auc:.3f}, but its path beats the cascade's by "
-                f"{100 * path_gain:.1f} % of all-cloud's cost on the path samples (it spares device compute)"
-            )
+        why = f"AUROC {r_auc:.3f} {'<=' if weaker else '>'} the device confidence's {c_auc:.3f}"
+        if path_gain is not None:
+            why += f"; its path beats the cascade's by {100 * path_gain:.1f} % of all-cloud's cost (held out)"
         reason = f"kept: group accuracy {router_accuracy:.3f} > majority {majority_accuracy:.3f}; {why}"
     else:
         reason = ("kept because --keep-router was given, although " if keep_anyway else "refused: ") + "; ".join(

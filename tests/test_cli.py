@@ -56,7 +56,7 @@ def test_train_then_calibrate_from_the_command_line(tmp_path, tiny_model, synthe
     assert "--guarantee none" in capsys.readouterr().err
     assert main(["calibrate", "--run", str(out), "--router", "mlp", *reward, "--guarantee", "none"]) == 0
     printed = capsys.readouterr().out
-    assert "dimec-dc (mlp@1)" in printed and "cascade (max-softmax)" in printed and "all-cloud" in printed
+    assert "dimec-dc (mlp@0)" in printed and "cascade (max-softmax)" in printed and "all-cloud" in printed
     assert (out / "calibration.json").is_file() and (out / "data_map.png").is_file()
 
 

@@ -127,14 +127,18 @@ def test_out_of_fold_never_predicts_a_sample_from_a_fit_that_saw_it():
         out_of_fold(fit_predict, 4, folds=5)
 
 
-def test_a_weaker_router_is_kept_only_where_its_path_spares_enough():
+def test_with_a_cost_profile_a_router_is_kept_only_where_its_path_spares_enough():
     rng = np.random.default_rng(4)
     target = rng.random(400) < 0.3
     weak = rng.random(400)
     sharp_confidence = np.where(target, 0.2, 0.9)
+    # a weaker signal than the device confidence, but read before the device spends compute: it pays
     spares = judge_router(weak, sharp_confidence, target, 0.6, 0.5, path_gain=0.08)
-    assert spares.kept and "spares device compute" in spares.reason and spares.path_gain == 0.08
+    assert spares.kept and "beats the cascade's by 8.0 %" in spares.reason and spares.path_gain == 0.08
     barely = judge_router(weak, sharp_confidence, target, 0.6, 0.5, path_gain=0.005)
     assert not barely.kept and "spares only 0.5 %" in barely.reason
+    # a better signal that spares nothing is refused too: deploying it would change nothing worth having
+    informative = np.where(target, 0.7, 0.3)
+    assert not judge_router(informative, weak, target, 0.6, 0.5, path_gain=0.0).kept
     # what it spares never excuses a router that is no better than the majority group
     assert not judge_router(weak, sharp_confidence, target, 0.5, 0.5, path_gain=0.5).kept

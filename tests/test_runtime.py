@@ -165,6 +165,9 @@ def test_demo_end_to_end_on_the_tiny_model_then_reuses_everything(tiny_model, sy
     assert main(["demo", *args]) == 0
     first = capsys.readouterr().out
     assert "DIMEC-DC (3 tiers)" in first and "all-cloud" in first and "bytes/in" in first
+    # the router's contribution: the same servers with the router off, and the verdict and cost regime
+    assert "router off (cascade)" in first and "calibrated for the cost regime" in first
+    assert "kept:" in first or "refused:" in first
     assert main(["demo", *args]) == 0
     second = capsys.readouterr().out
     for step in ("reusing the trained run", "reusing the calibration", "reusing the bundle"):
