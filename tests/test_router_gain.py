@@ -42,3 +42,10 @@ def test_results_are_rounded_for_the_committed_json():
         "c": "x",
         "d": 3,
     }
+
+
+def test_with_more_calibration_cuts_each_gets_its_own_selection_and_a_mean():
+    task = _task([_row("a", 18.0, kept=True, held_out=0.5)])
+    task["splits"]["1"] = _task([_row("b", 40.0, kept=False, held_out=0.1)])["splits"]["0"]
+    h = headline(task, {})["p"]
+    assert h["gain_pt_by_split"] == {"0": 8.0, "1": 0.0} and h["gain_pt_mean_over_splits"] == 4.0
