@@ -115,16 +115,9 @@ def _dev_row(policy, signals: ExitSignals, labels: np.ndarray, tier_costs, all_c
     return row
 
 
-def _path_score(pc, signals: ExitSignals, labels, tier_costs, guarantee) -> float:
-    from export.risk_control import path_score, sample_losses
-
-    tiers = np.stack([route(p, signals) for p in pc.path])
-    return path_score(sample_losses(tiers, signals, labels, guarantee.reference), tier_costs[tiers].mean(axis=1))
-
-
 def calibrate_one(fitted, use_router, data, path_idx, cert_idx, profile, guarantee, grid, idx, dev_labels):
     """One method (the cascade when ``fitted`` is None) under one profile: certified policy, dev row, path score."""
-    from export.risk_control import calibrate_along_path, held_out_path_score
+    from export.risk_control import calibrate_along_path, held_out_path_score, score_path
 
     depth = fitted.variant.router.depth if fitted is not None else 0
     split = data.model_config.split_points(depth)
@@ -142,7 +135,7 @@ def calibrate_one(fitted, use_router, data, path_idx, cert_idx, profile, guarant
     row = _dev_row(pc.policy, dev, dev_labels, tier_costs, all_cloud, idx)
     row["certified"] = pc.policy is not None
     row["bound_pt"] = float(100 * pc.certification.bound) if pc.certification.bound is not None else None
-    row["path_score"] = _path_score(pc, calib.subset(path_idx), labels[path_idx], tier_costs, guarantee) / all_cloud
+    row["path_score"] = score_path(pc.path, calib.subset(path_idx), labels[path_idx], tier_costs, guarantee) / all_cloud
     # what calibration's verdict weighs: the path score on the half of the path samples not chosen on
     row["held_out_score"] = held_out_path_score(
         calib.subset(path_idx), labels[path_idx], tier_costs, all_cloud, guarantee, use_router, **grid

@@ -291,9 +291,7 @@ def choose_path(
     choosing among paths there keeps the fixed-sequence test valid)."""
     best, best_score = None, math.inf
     for path in candidate_paths(signals, labels, tier_costs, guarantee, use_router, steps, **grid):
-        tiers = np.stack([route(p, signals) for p in path])
-        losses = sample_losses(tiers, signals, labels, guarantee.reference)
-        score = path_score(losses, tier_costs[tiers].mean(axis=1))
+        score = score_path(path, signals, labels, tier_costs, guarantee)
         if score < best_score:
             best, best_score = path, score
     assert best is not None
