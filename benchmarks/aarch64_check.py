@@ -123,8 +123,8 @@ def device_formats(bundle) -> list[str]:
 def run_device_graphs(bundle, texts: list[str], fmt: str, threads: int | None) -> tuple[dict, float]:
     """device_head + device_tail per input at batch 1, exactly as DeviceRuntime runs them (TFLite: padded to
     the bucket, hidden states cut back to the real tokens). Returns stacked arrays and the wall seconds."""
-    from device_runtime.runtime import DeviceRuntime
-    from device_runtime.text import encode, pad_batch
+    from cartosplit.device_runtime.runtime import DeviceRuntime
+    from cartosplit.device_runtime.text import encode, pad_batch
 
     backend = "onnxruntime" if fmt.startswith("onnx") else "litert"
     with DeviceRuntime(bundle, backend=backend, fmt=fmt, threads=threads) as runtime:
@@ -152,7 +152,7 @@ def run_predictions(
     bundle, texts: list[str], fmt: str, edge: str | None, cloud: str | None, threads: int | None
 ) -> list[dict]:
     """DeviceRuntime.predict through the servers, one input at a time as ``cartosplit run`` does."""
-    from device_runtime.runtime import DeviceRuntime
+    from cartosplit.device_runtime.runtime import DeviceRuntime
 
     backend = "onnxruntime" if fmt.startswith("onnx") else "litert"
     keep = ("label", "label_id", "probabilities", "tier", "route", "exit_depth", "degraded", "bytes_sent", "errors")
@@ -161,7 +161,7 @@ def run_predictions(
 
 
 def cmd_outputs(args: argparse.Namespace) -> int:
-    from device_runtime.bundle import load_bundle
+    from cartosplit.device_runtime.bundle import load_bundle
 
     inputs = json.loads(Path(args.inputs).read_text(encoding="utf-8"))
     bundle = load_bundle(args.bundle)  # verified (sha256 of every file) once; hashing is slow under emulation
@@ -270,7 +270,7 @@ def cmd_sizes(args: argparse.Namespace) -> int:
 class _Process:
     """A subprocess that prints a ready line naming its address; stderr kept (tail) for error messages.
 
-    (export.demo.ServerProcess does this too, but importing it pulls torch, which this check must not need.)
+    (cartosplit.export.demo.ServerProcess does this too, but importing it pulls torch, which this check must not need.)
     """
 
     def __init__(self, argv: list[str], name: str, ready: re.Pattern, timeout_s: float) -> None:
@@ -346,7 +346,7 @@ def _http(url: str, body: dict | None = None, raw: bytes | None = None, timeout_
 
 def _device_decisions(router_logits: np.ndarray, device_logits: np.ndarray, policy) -> np.ndarray:
     """What the device does per input: 0 answers itself, 1 sends to the edge, 2 sends straight to the cloud."""
-    from device_runtime.policy import HARD, MEDIUM
+    from cartosplit.device_runtime.policy import HARD, MEDIUM
 
     def softmax(z):
         e = np.exp(z - z.max(axis=1, keepdims=True))
@@ -475,7 +475,7 @@ def x86_device_extra_sizes(work: Path) -> dict:
     )
     out = work / "sizes-x86.json"
     subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "benchmarks.aarch64_check", "sizes", "--out", str(out)],
+        [str(venv / "bin" / "python"), "-m", "cartosplit.benchmarks.aarch64_check", "sizes", "--out", str(out)],
         check=True,
         cwd="/",  # the installed package, not this checkout
     )
@@ -488,8 +488,8 @@ def _mb(n: int) -> float:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from device_runtime.bundle import load_bundle
-    from device_runtime.policy import Policy
+    from cartosplit.device_runtime.bundle import load_bundle
+    from cartosplit.device_runtime.policy import Policy
 
     work, root = Path(args.work), args.root
     load_before = os.getloadavg()[0]  # the host is shared: say how busy it was
@@ -503,7 +503,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     (work / "inputs.json").write_text(json.dumps(inputs, indent=1) + "\n")
     print(f"inputs: {inputs['source']}", file=sys.stderr)
 
-    cli = [sys.executable, "-m", "device_runtime.cli"]
+    cli = [sys.executable, "-m", "cartosplit.device_runtime.cli"]
     ready = re.compile(r"serving .* on (\S+:\d+)\s*$")
     common = ["--bundle", args.bundle, "--port", "0", "--format", server_format, "--threads", "1"]
     cloud = _Process([*cli, "serve-cloud", *common], "cloud server", ready, 120)
@@ -513,7 +513,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"servers on the host: edge {edge.address}, cloud {cloud.address} ({server_format})", file=sys.stderr)
         outputs = [
             "-m",
-            "benchmarks.aarch64_check",
+            "cartosplit.benchmarks.aarch64_check",
             "outputs",
             "--inputs",
             "{work}/inputs.json",
@@ -555,7 +555,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             args.qemu_cpu,
             "python",
             "-m",
-            "benchmarks.aarch64_check",
+            "cartosplit.benchmarks.aarch64_check",
             "sizes",
             "--out",
             "/mnt/work/sizes-arm64.json",
@@ -605,7 +605,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "checks": checks,
         "passed": all(c["held"] for c in checks),
     }
-    from benchmarks.report import write_report
+    from cartosplit.benchmarks.report import write_report
 
     write_report(report, args.out, args.command, _markdown)
     print(Path(args.out).with_suffix(".md").read_text())
@@ -613,7 +613,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _checks(graphs: dict, predictions: dict, service: dict, sizes: dict, arm_env: dict) -> list[dict]:
-    from benchmarks.report import check
+    from cartosplit.benchmarks.report import check
 
     out = [check("uname -m inside the root", arm_env["machine"], "== aarch64", arm_env["machine"] == "aarch64")]
     for fmt, g in graphs.items():
@@ -672,7 +672,7 @@ def _checks(graphs: dict, predictions: dict, service: dict, sizes: dict, arm_env
 
 
 def _markdown(report: dict) -> list[str]:
-    from benchmarks.report import bounds_table
+    from cartosplit.benchmarks.report import bounds_table
 
     em, arm = report["emulation"], report["aarch64"]
     pk = arm["packages"]
@@ -774,7 +774,7 @@ def _markdown(report: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.aarch64_check",
+        prog="python -m cartosplit.benchmarks.aarch64_check",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

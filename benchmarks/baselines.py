@@ -2,7 +2,7 @@
 
 Every baseline walks the same three exits (device d, edge e, final L) under the same cost profile, and
 every threshold is chosen on the calibration split with the same objective as cartosplit's own
-(``device_runtime.policy.Objective``); the dev set is only evaluated.
+(``cartosplit.device_runtime.policy.Objective``); the dev set is only evaluated.
 
 - confidence exit: one max-softmax threshold shared by the device and edge exits (plain early exit);
 - entropy exit (DeeBERT): one entropy threshold shared by both exits; for two classes the entropy is a
@@ -21,9 +21,9 @@ import math
 
 import numpy as np
 
-from device_runtime.costs import TIER_CLOUD_VIA_EDGE, TIER_DEVICE, TIER_EDGE, TIER_NAMES
-from device_runtime.metrics import set_metric
-from device_runtime.policy import ExitSignals, Objective, Outcome, answers, evaluate_tiers
+from cartosplit.device_runtime.costs import TIER_CLOUD_VIA_EDGE, TIER_DEVICE, TIER_EDGE, TIER_NAMES
+from cartosplit.device_runtime.metrics import set_metric
+from cartosplit.device_runtime.policy import ExitSignals, Objective, Outcome, answers, evaluate_tiers
 
 
 def entropy(probs: np.ndarray) -> np.ndarray:

@@ -12,21 +12,39 @@ import importlib
 
 # name -> (module, one-line help). Keep in the order a reader would run them.
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "tradeoff": ("benchmarks.tradeoff", "accuracy vs cost on a GLUE task: cartosplit against every baseline"),
-    "router": ("benchmarks.router_gain", "every router variant vs the cascade at the same guarantee, per cost profile"),
-    "router-size": ("benchmarks.router_size", "each router kind's bundle size and device latency (ONNX, TFLite)"),
-    "export-formats": ("benchmarks.export_formats", "dev accuracy and device latency per exported format"),
-    "latency": ("benchmarks.latency", "device/edge/cloud slice latency per runtime, batch and length"),
-    "bytes": ("benchmarks.wire_bytes", "bytes per offloaded sample per activation encoding, accuracy change"),
-    "e2e": ("benchmarks.e2e", "device, edge and cloud processes over emulated network links"),
-    "cost-profile": ("benchmarks.cost_profile", "a measured cost profile (ms, mJ) from the latency and bytes results"),
+    "tradeoff": (
+        "cartosplit.benchmarks.tradeoff",
+        "accuracy vs cost on a GLUE task: cartosplit against every baseline",
+    ),
+    "router": (
+        "cartosplit.benchmarks.router_gain",
+        "every router variant vs the cascade at the same guarantee, per cost profile",
+    ),
+    "router-size": (
+        "cartosplit.benchmarks.router_size",
+        "each router kind's bundle size and device latency (ONNX, TFLite)",
+    ),
+    "export-formats": ("cartosplit.benchmarks.export_formats", "dev accuracy and device latency per exported format"),
+    "latency": ("cartosplit.benchmarks.latency", "device/edge/cloud slice latency per runtime, batch and length"),
+    "bytes": (
+        "cartosplit.benchmarks.wire_bytes",
+        "bytes per offloaded sample per activation encoding, accuracy change",
+    ),
+    "e2e": ("cartosplit.benchmarks.e2e", "device, edge and cloud processes over emulated network links"),
+    "cost-profile": (
+        "cartosplit.benchmarks.cost_profile",
+        "a measured cost profile (ms, mJ) from the latency and bytes results",
+    ),
     "device-profiles": (
-        "benchmarks.device_profiles",
+        "cartosplit.benchmarks.device_profiles",
         "cost profiles per cited device (Pi Zero 2 W, Pi 4/5, phone) x link",
     ),
-    "fuzz": ("benchmarks.fuzz_server", "malformed requests against live servers"),
-    "load": ("benchmarks.load", "many concurrent device runtimes against live servers"),
-    "cloud-scale": ("benchmarks.cloud_scale", "the cloud tier plain vs on Ray Serve (1, 2 replicas): latency, memory"),
+    "fuzz": ("cartosplit.benchmarks.fuzz_server", "malformed requests against live servers"),
+    "load": ("cartosplit.benchmarks.load", "many concurrent device runtimes against live servers"),
+    "cloud-scale": (
+        "cartosplit.benchmarks.cloud_scale",
+        "the cloud tier plain vs on Ray Serve (1, 2 replicas): latency, memory",
+    ),
 }
 
 

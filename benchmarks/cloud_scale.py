@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device_runtime.cli import comma_list
+from cartosplit.device_runtime.cli import comma_list
 
 DEFAULT_CONFIGS = ("plain-t1", "plain-t2", "ray-r1", "ray-r2")
 READY = re.compile(r"serving .* on (\S+:\d+)\s*$")
@@ -67,10 +67,10 @@ class RequestSet:
 
 
 def build_requests(bundle, entry: str, sentences: list[str] | None, pool: int, seed: int = 0) -> RequestSet:
-    from device_runtime.onnx_backend import OnnxSession
-    from device_runtime.text import encode, load_tokenizer
-    from protos import tiers_pb2 as pb
-    from protos.codec import PROTOCOL_VERSION, encode_tensor
+    from cartosplit.device_runtime.onnx_backend import OnnxSession
+    from cartosplit.device_runtime.text import encode, load_tokenizer
+    from cartosplit.protos import tiers_pb2 as pb
+    from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
 
     model, split = bundle.manifest["model"], bundle.split_points
     max_length, vocab = int(model["max_length"]), int(model["vocab_size"])
@@ -121,11 +121,11 @@ def make_tiny_bundle(folder: Path) -> Path:
     import shutil
     import tempfile
 
-    from export.bundle_writer import ExportConfig, export_bundle
-    from export.calibrate import CalibrateConfig, calibrate
-    from export.router import RouterConfig
-    from export.tiny import make_tiny_bert, synthetic_rows, tiny_train_config, write_csv
-    from export.train import train
+    from cartosplit.export.bundle_writer import ExportConfig, export_bundle
+    from cartosplit.export.calibrate import CalibrateConfig, calibrate
+    from cartosplit.export.router import RouterConfig
+    from cartosplit.export.tiny import make_tiny_bert, synthetic_rows, tiny_train_config, write_csv
+    from cartosplit.export.train import train
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
@@ -156,7 +156,7 @@ class ServerProcess:
 
     @classmethod
     def start(cls, args: list[str], timeout_s: float = 300.0) -> ServerProcess:
-        command = [sys.executable, "-m", "device_runtime.cli", "serve-cloud", *args]
+        command = [sys.executable, "-m", "cartosplit.device_runtime.cli", "serve-cloud", *args]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         tail: list[str] = []
 
@@ -284,8 +284,8 @@ class ClosedLoop:
     def __init__(self, address: str, requests: RequestSet, clients: int, tag: str) -> None:
         import grpc
 
-        from cloud_server.server import SERVICE_NAME
-        from protos import tiers_pb2 as pb
+        from cartosplit.cloud_server.server import SERVICE_NAME
+        from cartosplit.protos import tiers_pb2 as pb
 
         self.requests, self.clients, self.tag = requests, clients, tag
         channels = [grpc.insecure_channel(address) for _ in range(min(clients, 8))]
@@ -384,7 +384,7 @@ def compare(answers: dict, reference: dict) -> dict:
 
 def slice_compute(bundle, requests: RequestSet, fmt: str, batches: Sequence[int], seconds: float) -> list[dict]:
     """The graph alone in onnxruntime (1 thread): batches of consecutive samples padded to their longest."""
-    from device_runtime.onnx_backend import OnnxSession
+    from cartosplit.device_runtime.onnx_backend import OnnxSession
 
     session = OnnxSession(bundle.graph_file(requests.graph, fmt), 1)
     rows = []
@@ -631,9 +631,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    from benchmarks.report import bench_command, write_report
-    from cloud_server.ray_backend import ray_is_installed
-    from device_runtime.bundle import load_bundle
+    from cartosplit.benchmarks.report import bench_command, write_report
+    from cartosplit.cloud_server.ray_backend import ray_is_installed
+    from cartosplit.device_runtime.bundle import load_bundle
 
     args = parse_args(argv)
     if any(c.startswith("ray") for c in args.configs) and not ray_is_installed():

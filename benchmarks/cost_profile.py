@@ -1,10 +1,10 @@
 """A measured cost profile for calibration, built from the latency and bytes benchmarks' JSON.
 
-    python -m benchmarks.cost_profile --latency benchmarks/results/latency.json \\
+    python -m cartosplit.benchmarks.cost_profile --latency benchmarks/results/latency.json \\
         --bytes benchmarks/results/bytes.json --out-dir benchmarks/results
     cartosplit calibrate --run runs/sst2-4k --costs benchmarks/results/cost-profile-ms.json
 
-Writes two ``device_runtime.costs.CostProfile`` files (exactly its fields; provenance in ``source``):
+Writes two ``cartosplit.device_runtime.costs.CostProfile`` files (exactly its fields; provenance in ``source``):
 
 ``cost-profile-ms.json`` (milliseconds)
   per-layer costs = p50 (or mean) of a slice at one batch x length x threads, divided by its layers:
@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_runtime.costs import CostProfile
+from cartosplit.device_runtime.costs import CostProfile
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def build_ms_profile(latency: dict, wire: dict, links: dict[str, LinkSpec], sel:
 
 def device_energy_per_layer(latency: dict, sel: Selection, profile_name: str, profile: dict) -> tuple[float, str]:
     """mJ per device layer per sample: a measured figure from the latency report if there is one, else estimated."""
-    from benchmarks.latency import profile_watts
+    from cartosplit.benchmarks.latency import profile_watts
 
     d = latency["split_points"]["device"]
     row = _row(latency, tier="device", key=sel.device_key, batch=sel.batch, length=sel.length, threads=sel.threads)
@@ -241,7 +241,7 @@ def _link(text: str) -> LinkSpec:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.cost_profile",
+        prog="python -m cartosplit.benchmarks.cost_profile",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -272,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.latency import POWER_PROFILES, load_power_profiles
-    from device_runtime.costs import SplitPoints
+    from cartosplit.benchmarks.latency import POWER_PROFILES, load_power_profiles
+    from cartosplit.device_runtime.costs import SplitPoints
 
     args = build_parser().parse_args(argv)
     latency = json.loads(Path(args.latency).read_text())

@@ -1,19 +1,20 @@
 """Cost profiles for devices this machine is not: cited per-device compute and power, crossed with cited links.
 
-    python -m benchmarks.device_profiles --out-dir benchmarks/results/device-profiles
+    python -m cartosplit.benchmarks.device_profiles --out-dir benchmarks/results/device-profiles
 
 ``benchmarks/device_profiles.json`` holds, per device, an HPL-style GFLOP/s figure and its watts, and per link
 (Wi-Fi, LTE, wired) its bandwidth, one-way latency and radio watts, each with its public source. This module
 measures the same kind of figure on this machine (an FP64 LU solve, what HPL times) in the same run and scales
-the measured ms profile (``benchmarks/results/cost-profile-ms.json``, made here by ``benchmarks.cost_profile``):
+the measured ms profile (``benchmarks/results/cost-profile-ms.json``, made here by
+``cartosplit.benchmarks.cost_profile``):
 
 * device per layer = this machine's ms per layer x this machine's GFLOP/s / the device's per-core GFLOP/s. A
   GFLOP/s ratio is a first-order estimate of inference speed: HPL is FP64 dense LU, the device slice runs int8
   or fp32 matmuls whose speed also depends on the ISA (dot-product instructions) and on memory bandwidth.
 * edge and cloud per layer, and edge->cloud: the measured profile's, unchanged (the server side is the same).
 * device->edge, device->cloud (hidden state) and the token-id request: bytes per sample (the bytes report, read
-  with ``benchmarks.cost_profile``) x 8 / the link's bandwidth + its one-way latency; the link is the device's
-  first hop, so both device->edge and device->cloud go over it.
+  with ``cartosplit.benchmarks.cost_profile``) x 8 / the link's bandwidth + its one-way latency; the link is the
+  device's first hop, so both device->edge and device->cloud go over it.
 * mJ, the device's battery: device compute = ms x active watts; waiting for edge, cloud and edge->cloud = idle
   watts x time; a device hop = (idle + radio watts) x time where the link has cited radio watts (the radio's own
   draw, on top of the rest of the device idling), else idle watts x time.
@@ -34,8 +35,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.cost_profile import LinkSpec, hop_bytes, token_request_bytes, transfer_ms
-from device_runtime.costs import CostProfile, SplitPoints
+from cartosplit.benchmarks.cost_profile import LinkSpec, hop_bytes, token_request_bytes, transfer_ms
+from cartosplit.device_runtime.costs import CostProfile, SplitPoints
 
 DEVICE_PROFILES = Path(__file__).with_name("device_profiles.json")
 RESULTS = Path(__file__).parent / "results"
@@ -134,7 +135,7 @@ def device_profile(
     ``host_gflops`` is this machine's figure measured with ``threads`` threads, the thread count ``base`` was
     measured with; ``wire`` is the bytes report the hops are priced from.
     """
-    from benchmarks.latency import profile_watts
+    from cartosplit.benchmarks.latency import profile_watts
 
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
@@ -214,7 +215,7 @@ def _split(wire: dict) -> SplitPoints:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.device_profiles",
+        prog="python -m cartosplit.benchmarks.device_profiles",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -230,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.machine import describe_machine
+    from cartosplit.benchmarks.machine import describe_machine
 
     args = build_parser().parse_args(argv)
     spec = load_specs(args.profiles)
@@ -277,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
     index = {
         "schema_version": 1,
-        "command": "python -m benchmarks.device_profiles " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m cartosplit.benchmarks.device_profiles "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine,
         "host_compute": {

@@ -3,7 +3,7 @@
     cartosplit bench e2e --bundle bundles/sst2-4k-all --limit 300 --clients 8 --out benchmarks/results/e2e
 
 The cloud server (``cartosplit serve-cloud``), the edge server (``cartosplit serve-edge``) and the device
-(``python -m benchmarks.e2e_device``) each run in their own process, and, with the ``netns`` shaper, in their
+(``python -m cartosplit.benchmarks.e2e_device``) each run in their own process, and, with the ``netns`` shaper, in their
 own Linux network namespace. Links (defaults; change with ``--link NAME=RATE/DELAY``):
 
     device-edge   50mbit/5ms    Wi-Fi
@@ -40,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.e2e_device import MODES
-from benchmarks.netem import LINK_NAMES, Network, check_links, links_from_args, make_network
-from benchmarks.report import bench_command, write_report
-from device_runtime.cli import positive_int
+from cartosplit.benchmarks.e2e_device import MODES
+from cartosplit.benchmarks.netem import LINK_NAMES, Network, check_links, links_from_args, make_network
+from cartosplit.benchmarks.report import bench_command, write_report
+from cartosplit.device_runtime.cli import positive_int
 
 DEFAULT_BUNDLE = "bundles/sst2-4k-all"
 DEFAULT_OUT = "benchmarks/results/e2e"
@@ -55,7 +55,7 @@ MODE_LABELS = {"cartosplit": "cartosplit (policy)", "all-cloud": "all-cloud", "a
 
 def load_inputs(bundle_manifest: dict, data_dir: str | None, dev_file: str | None, limit: int | None):
     """(texts, pairs or None, gold label ids, where they came from): GLUE dev of the bundle's task, or a file."""
-    from export.data import load_file, load_glue
+    from cartosplit.export.data import load_file, load_glue
 
     labels = bundle_manifest["model"]["labels"]
     if dev_file:
@@ -82,7 +82,7 @@ def write_inputs(path: Path, texts: Sequence[str], pairs: Sequence[str] | None) 
 
 def start_tiers(network: Network, bundle: str, server_format: str, server_threads: int) -> tuple[dict, dict]:
     """Cloud, then edge (which reaches the cloud over edge-cloud); the servers and the device's addresses."""
-    from export.demo import ServerProcess
+    from cartosplit.export.demo import ServerProcess
 
     common = ["--bundle", bundle, "--host", network.bind_host, "--port", "0", "--format", server_format]
     common += ["--threads", str(server_threads), "--log-level", "warning"]
@@ -115,7 +115,7 @@ def run_device(
     network: Network, mode: str, addresses: dict, bundle: str, inputs: Path, output: Path, options: dict
 ) -> list[dict]:
     """The device process for one mode, in the device's network; its JSON lines."""
-    command = [*network.prefix("device"), sys.executable, "-m", "benchmarks.e2e_device", "--bundle", bundle]
+    command = [*network.prefix("device"), sys.executable, "-m", "cartosplit.benchmarks.e2e_device", "--bundle", bundle]
     command += ["--mode", mode, "--input", str(inputs), "--output", str(output)]
     if mode != "all-device":
         command += ["--cloud", addresses["cloud"]] + (["--edge", addresses["edge"]] if mode == "cartosplit" else [])
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 0 or not 0 < args.timeout < 600 or args.probe_seconds <= 0:
         parser.error("--warmup must be >= 0, --timeout in (0, 600) s, --probe-seconds > 0")
 
-    from device_runtime.bundle import load_bundle
+    from cartosplit.device_runtime.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
     texts, pairs, gold, source = load_inputs(bundle.manifest, args.data_dir, args.dev_file, args.limit)

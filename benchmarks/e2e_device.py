@@ -1,6 +1,6 @@
 """The device of ``cartosplit bench e2e``: one process, run inside the device's network (namespace or loopback).
 
-    python -m benchmarks.e2e_device --bundle B --mode cartosplit --edge HOST:PORT --cloud HOST:PORT \
+    python -m cartosplit.benchmarks.e2e_device --bundle B --mode cartosplit --edge HOST:PORT --cloud HOST:PORT \
         --input inputs.jsonl --output answers.jsonl --clients 8
 
 Modes: ``cartosplit`` (the bundle's policy: device, edge or cloud per input), ``all-cloud`` (every input's
@@ -33,8 +33,8 @@ def make_predictor(
     mode: str, bundle: object, edge: str | None, cloud: str | None, fmt: str, threads: int, timeout_s: float
 ):
     """A DeviceRuntime and the call that answers one input in ``mode``."""
-    from device_runtime.policy import Policy
-    from device_runtime.runtime import DeviceRuntime
+    from cartosplit.device_runtime.policy import Policy
+    from cartosplit.device_runtime.runtime import DeviceRuntime
 
     if mode == "all-device":
         runtime = DeviceRuntime(bundle, fmt=fmt, threads=threads)
@@ -112,7 +112,9 @@ def read_inputs(path: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e_device", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cartosplit.benchmarks.e2e_device", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--edge", help="edge HOST:PORT as this process reaches it")
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.warmup < 0 or args.threads < 1 or not math.isfinite(args.timeout):
         parser.error("--clients and --threads must be >= 1, --warmup >= 0, --timeout finite")
 
-    from device_runtime.bundle import load_bundle
+    from cartosplit.device_runtime.bundle import load_bundle
 
     inputs = read_inputs(args.input)
     bundle = load_bundle(args.bundle)  # verified once, shared by every client

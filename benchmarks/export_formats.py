@@ -1,6 +1,6 @@
 """Dev accuracy of every exit in each exported format, next to torch; file sizes; device-graph latency.
 
-    python -m benchmarks.export_formats --bundle bundles/sst2-4k --run runs/sst2-4k \
+    python -m cartosplit.benchmarks.export_formats --bundle bundles/sst2-4k --run runs/sst2-4k \
         --out benchmarks/results/sst2-4k-export-formats
 
 ONNX graphs run as the tiers chain them (device head -> device tail -> edge -> cloud), in batches
@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from benchmarks.machine import describe_machine
-from benchmarks.timing import DeviceSlice
-from device_runtime.bundle import FORMATS, Bundle, load_bundle
-from device_runtime.text import encode, load_tokenizer, pad_batch
+from cartosplit.benchmarks.machine import describe_machine
+from cartosplit.benchmarks.timing import DeviceSlice
+from cartosplit.device_runtime.bundle import FORMATS, Bundle, load_bundle
+from cartosplit.device_runtime.text import encode, load_tokenizer, pad_batch
 
 EXITS = ("device", "edge", "final")
 
 
 def _onnx_accuracy(bundle: Bundle, fmt: str, encoded: list, labels: np.ndarray, threads: int) -> dict:
-    from device_runtime.onnx_backend import OnnxSession
+    from cartosplit.device_runtime.onnx_backend import OnnxSession
 
     sp = bundle.split_points
     e = sp["edge"]
@@ -87,8 +87,8 @@ def _tflite_accuracy(bundle: Bundle, fmt: str, encoded: list, labels: np.ndarray
 
 
 def _torch_accuracy(run: Path, encoded: list, labels: np.ndarray) -> dict:
-    from export.model import MultiExitBert
-    from export.train import predict_probs
+    from cartosplit.export.model import MultiExitBert
+    from cartosplit.export.train import predict_probs
 
     probs, _ = predict_probs(MultiExitBert.load(run / "model"), encoded)
     return {"accuracy": {k: float((probs[i].argmax(1) == labels).mean()) for i, k in enumerate(EXITS)}}
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="path prefix for .json and .md")
     args = parser.parse_args(argv)
 
-    from export.data import load_glue
+    from cartosplit.export.data import load_glue
 
     started = time.time()
     bundle = load_bundle(args.bundle)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 key = f"{graph} ({Path(rel).stem.split('_s')[-1]})" if isinstance(entry, dict) else graph
                 sizes.setdefault(fmt, {})[key] = m["files"][rel]["size"] / 1e6
 
-    command = "python -m benchmarks.export_formats " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python -m cartosplit.benchmarks.export_formats " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = {
         "command": command,
         "machine": describe_machine(),

@@ -1,6 +1,6 @@
 """Fuzz the cloud and edge tier servers with malformed requests, over unary and streaming RPCs.
 
-    python -m benchmarks.fuzz_server --bundle bundles/sst2-4k --messages 10000 \
+    python -m cartosplit.benchmarks.fuzz_server --bundle bundles/sst2-4k --messages 10000 \
         --out benchmarks/results/fuzz-server
 
 Starts a cloud and an edge server as subprocesses (the real CLI, as deployed), then sends at least
@@ -42,12 +42,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from benchmarks.machine import describe_machine
-from benchmarks.report import bounds_table, check, write_report
-from device_runtime.bundle import Bundle, load_bundle
-from export.demo import ServerProcess
-from protos import tiers_pb2 as pb
-from protos.codec import PROTOCOL_VERSION, encode_tensor
+from cartosplit.benchmarks.machine import describe_machine
+from cartosplit.benchmarks.report import bounds_table, check, write_report
+from cartosplit.device_runtime.bundle import Bundle, load_bundle
+from cartosplit.export.demo import ServerProcess
+from cartosplit.protos import tiers_pb2 as pb
+from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
 
 SERVICES = {
     "cloud": pb.DESCRIPTOR.services_by_name["CloudTier"].full_name,
@@ -1192,7 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
         args.only,
         dict(item.split("=", 1) for item in args.server_env),
     )
-    command = "python -m benchmarks.fuzz_server " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m cartosplit.benchmarks.fuzz_server " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     write_report(report, args.out, command, markdown)
     print("\n".join(markdown({"command": command, "machine": describe_machine(), **report})))
     return 0 if report["passed"] else 1

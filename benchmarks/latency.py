@@ -7,9 +7,9 @@ sgemm peak, and (``--energy``) joules per inference, measured or estimated.
 What is timed, on this machine's CPU:
 - the device slice, as the device runs it: ``device_head`` (embeddings, layers 1..r, router) then
   ``device_tail`` (layers r+1..d, device exit), on torch eager fp32 (the run's own modules,
-  ``export.slices``; needs ``--run``), onnxruntime fp32 and int8, LiteRT fp32 and int8. Every token is
+  ``cartosplit.export.slices``; needs ``--run``), onnxruntime fp32 and int8, LiteRT fp32 and int8. Every token is
   real (mask of ones). TFLite graphs are batch 1 with fixed buckets: a length that is not a bucket is
-  padded up to one, and batch B is B calls (see ``benchmarks.timing``);
+  padded up to one, and batch B is B calls (see ``cartosplit.benchmarks.timing``);
 - the edge slice (layers d+1..e) and the cloud graphs (``cloud_from_<k>``, ``full``) on onnxruntime
   fp32 and int8, fed with the hidden states the device slice produces.
 
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.timing import DeviceSlice, available_cores, pinned, summarize_ms, time_calls
+from cartosplit.benchmarks.timing import DeviceSlice, available_cores, pinned, summarize_ms, time_calls
 
 DEVICE_RUNTIMES = ("torch-fp32", "onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8")
 SERVER_FORMATS = ("onnx-fp32", "onnx-int8")
@@ -361,15 +361,15 @@ def _tokens(rng: np.random.Generator, batch: int, length: int, vocab: int) -> di
 
 
 class TorchDevice:
-    """The run's own device_head and device_tail modules (``export.slices``) in eager fp32."""
+    """The run's own device_head and device_tail modules (``cartosplit.export.slices``) in eager fp32."""
 
     def __init__(self, run: Path, split: dict) -> None:
         import torch
 
         torch.set_num_threads(1)  # no worker pool before pinning: pools created later inherit the pinned set
-        from export.model import MultiExitBert
-        from export.router import load_router
-        from export.slices import build_slices
+        from cartosplit.export.model import MultiExitBert
+        from cartosplit.export.router import load_router
+        from cartosplit.export.slices import build_slices
 
         model = MultiExitBert.load(run / "model").eval()
         router, router_cfg = load_router(run / "router")
@@ -507,7 +507,7 @@ def _time_server(ctx: Context, graph: str, fmt: str, session, inputs: list, comm
 
 def _time_threads(ctx: Context, bundle, threads: int, cloud_graphs: list[str], torch_device, seed: int) -> tuple:
     """Every configuration at one thread count (the caller has pinned the process): rows and the sgemm peak."""
-    from device_runtime.onnx_backend import OnnxSession
+    from cartosplit.device_runtime.onnx_backend import OnnxSession
 
     formats = bundle.manifest["formats"]
     vocab = int(bundle.manifest["model"].get("vocab_size") or 1000)
@@ -554,7 +554,7 @@ def _time_threads(ctx: Context, bundle, threads: int, cloud_graphs: list[str], t
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    from device_runtime.bundle import load_bundle
+    from cartosplit.device_runtime.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
@@ -864,7 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.report import bench_command, write_report
+    from cartosplit.benchmarks.report import bench_command, write_report
 
     args = build_parser().parse_args(argv)
     if args.runs < 1 or args.min_seconds < 0 or args.warmup < 0:

@@ -1,7 +1,8 @@
 """Bounded load test on loopback: many simulated devices against one edge and one cloud server.
 
-    python -m benchmarks.load --bundle bundles/sst2-4k --clients 32 --seconds 60 --out benchmarks/results/load
-    python -m benchmarks.load --bundle bundles/sst2-4k --clients 32 --seconds 60 --force-offload \
+    python -m cartosplit.benchmarks.load --bundle bundles/sst2-4k --clients 32 --seconds 60 \
+        --out benchmarks/results/load
+    python -m cartosplit.benchmarks.load --bundle bundles/sst2-4k --clients 32 --seconds 60 --force-offload \
         --out benchmarks/results/load-offload
 
 Starts a cloud and an edge server as subprocesses (the real CLI), then runs ``--clients`` threads, each
@@ -36,12 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.fuzz_server import RssMonitor, WatchedServer, memory_summary, start_servers, stop_servers
-from benchmarks.machine import describe_machine
-from benchmarks.report import bounds_table, check, write_report
-from device_runtime.bundle import Bundle, load_bundle
-from device_runtime.policy import Policy
-from device_runtime.runtime import DeviceRuntime
+from cartosplit.benchmarks.fuzz_server import RssMonitor, WatchedServer, memory_summary, start_servers, stop_servers
+from cartosplit.benchmarks.machine import describe_machine
+from cartosplit.benchmarks.report import bounds_table, check, write_report
+from cartosplit.device_runtime.bundle import Bundle, load_bundle
+from cartosplit.device_runtime.policy import Policy
+from cartosplit.device_runtime.runtime import DeviceRuntime
 
 # SST-2-like sentences for when the GLUE files are not around (a CI machine, a fresh checkout).
 BUILTIN_SENTENCES = (
@@ -78,7 +79,7 @@ BUILTIN_SENTENCES = (
 
 def load_texts(bundle: Bundle, data_dir: str | None = None) -> tuple[list[str], list[str] | None, str]:
     """The dev sentences of the bundle's GLUE task, or the built-in list; and where they came from."""
-    from export.data import load_glue
+    from cartosplit.export.data import load_glue
 
     task = bundle.manifest["model"].get("task", "sst2")
     try:
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         rss_bound_mib=args.rss_bound_mib,
         seed=args.seed,
     )
-    command = "python -m benchmarks.load " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m cartosplit.benchmarks.load " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     write_report(report, args.out, command, markdown)
     print("\n".join(markdown({"command": command, "machine": describe_machine(), **report})))
     return 0 if report["passed"] else 1

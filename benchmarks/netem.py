@@ -19,9 +19,9 @@ limits of a real long-delay link are not reproduced (small requests, as here, ba
 
 Run as a module it is the helper process that lives in a namespace:
 
-    python -m benchmarks.netem proxy --listen 127.0.0.1:0 --target 10.231.1.2:50051 --delay-ms 5
-    python -m benchmarks.netem probe-server --listen 0.0.0.0:0
-    python -m benchmarks.netem probe --target 127.0.0.1:41234 --bulk-bytes 1000000
+    python -m cartosplit.benchmarks.netem proxy --listen 127.0.0.1:0 --target 10.231.1.2:50051 --delay-ms 5
+    python -m cartosplit.benchmarks.netem probe-server --listen 0.0.0.0:0
+    python -m cartosplit.benchmarks.netem probe --target 127.0.0.1:41234 --bulk-bytes 1000000
 """
 
 from __future__ import annotations
@@ -642,7 +642,7 @@ class NetnsNetwork(Network):
         return self.plan.links[link].end(role).address
 
     def open_link(self, client: str, server: str, port: int) -> str:
-        from export.demo import ServerProcess
+        from cartosplit.export.demo import ServerProcess
 
         name = canonical_link(f"{client}-{server}")
         spec = self.plan.links[name].spec
@@ -726,7 +726,7 @@ def check_links(
     network: Network, log: Callable[[str], None] = print, probe_s: float = 0.4, pings: int = 10
 ) -> dict[str, dict]:
     """Measure each link as its client sees it: ping RTT and bulk goodput through the emulation."""
-    from export.demo import ServerProcess
+    from cartosplit.export.demo import ServerProcess
 
     results = {}
     for name in LINK_NAMES:
@@ -782,7 +782,7 @@ async def _serve_until_signal(start: Callable[[], object], banner: Callable[[], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.netem", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cartosplit.benchmarks.netem", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("proxy", help="a delaying (and optionally rate-limiting) TCP proxy until SIGTERM")
     p.add_argument("--listen", type=_address, default=("127.0.0.1", 0))

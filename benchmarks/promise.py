@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from benchmarks.baselines import exit_scores, search_shared_threshold, shared_threshold_tiers
-from device_runtime.metrics import confusion_counts, metric_from_counts
-from device_runtime.policy import ExitSignals, Objective, answers, route, search_policy
-from export.risk_control import (
+from cartosplit.benchmarks.baselines import exit_scores, search_shared_threshold, shared_threshold_tiers
+from cartosplit.device_runtime.metrics import confusion_counts, metric_from_counts
+from cartosplit.device_runtime.policy import ExitSignals, Objective, answers, route, search_policy
+from cartosplit.export.risk_control import (
     Guarantee,
     certify,
     choose_path,

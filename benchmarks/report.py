@@ -29,7 +29,7 @@ def bounds_table(checks: list[dict], show: Callable[[object], object] = lambda v
 
 def write_report(report: dict, out: str | Path, command: str, markdown: Callable[[dict], list[str]]) -> None:
     """``<out>.json`` (the report with its command and machine) and ``<out>.md`` rendered by ``markdown``."""
-    from benchmarks.machine import describe_machine
+    from cartosplit.benchmarks.machine import describe_machine
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ recorded the calibration split's dynamics, which the held-out groups need):
 
 1. the calibration split from the training file is cut once per ``--splits`` seed into path samples
    (a third) and certifying samples; dev is only ever evaluated;
-2. every variant is fitted (``export.router_variant``): kind (logreg, knn, logreg with free features)
+2. every variant is fitted (``cartosplit.export.router_variant``): kind (logreg, knn, logreg with free features)
    x depth 0..d x target (train / held-out cartography, fixed / adaptive grouping, or the outcome);
    its verdict (group accuracy vs the majority, AUROC of P(hard) vs the device confidence's on
    "no early exit is right") is taken on the path samples;
@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from benchmarks.report import bench_command
-from device_runtime.costs import CostProfile
-from device_runtime.policy import ExitSignals, answers, route
+from cartosplit.benchmarks.report import bench_command
+from cartosplit.device_runtime.costs import CostProfile
+from cartosplit.device_runtime.policy import ExitSignals, answers, route
 
 RESULTS = Path("benchmarks/results")
 # (kind, groups, grouping) per depth: the paper's reading first, then each change the issue asks for
@@ -70,7 +70,7 @@ BOOT = 1000
 
 
 def _router_config(kind: str, depth: int):
-    from export.router import RouterConfig
+    from cartosplit.export.router import RouterConfig
 
     if kind == "logreg+free":
         return RouterConfig(kind="logreg", depth=depth, free_features=True)
@@ -79,7 +79,7 @@ def _router_config(kind: str, depth: int):
 
 def load_profiles(extra_dir: Path | None, names: tuple[str, ...] = DEVICE_PROFILES) -> dict[str, CostProfile]:
     """unit, the measured ms / mJ profiles of this repo's benchmarks, and the named per-device ones if written
-    (``python -m benchmarks.device_profiles``)."""
+    (``python -m cartosplit.benchmarks.device_profiles``)."""
     profiles = {"unit": CostProfile()}
     for name in ("ms", "mJ"):
         path = RESULTS / f"cost-profile-{name}.json"
@@ -117,7 +117,7 @@ def _dev_row(policy, signals: ExitSignals, labels: np.ndarray, tier_costs, all_c
 
 def calibrate_one(fitted, use_router, data, path_idx, cert_idx, profile, guarantee, grid, idx, dev_labels):
     """One method (the cascade when ``fitted`` is None) under one profile: certified policy, dev row, path score."""
-    from export.risk_control import calibrate_along_path, held_out_path_score, score_path
+    from cartosplit.export.risk_control import calibrate_along_path, held_out_path_score, score_path
 
     depth = fitted.variant.router.depth if fitted is not None else 0
     split = data.model_config.split_points(depth)
@@ -144,9 +144,9 @@ def calibrate_one(fitted, use_router, data, path_idx, cert_idx, profile, guarant
 
 
 def evaluate_task(task: str, run: Path, args: argparse.Namespace, profiles: dict[str, CostProfile]) -> dict:
-    from export.calibrate import load_calibration_data, path_split
-    from export.risk_control import Guarantee
-    from export.router_variant import RouterVariant, fit_variant
+    from cartosplit.export.calibrate import load_calibration_data, path_split
+    from cartosplit.export.risk_control import Guarantee
+    from cartosplit.export.router_variant import RouterVariant, fit_variant
 
     data = load_calibration_data(run)
     dev_labels = data.sets["dev"].labels
@@ -319,7 +319,7 @@ def plot_regimes(results: dict, profiles: dict[str, CostProfile], path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from device_runtime.costs import SplitPoints
+    from cartosplit.device_runtime.costs import SplitPoints
 
     links = sorted({link for res in results.values() for link in res.get("regimes", {})})
     fig, axes = plt.subplots(1, max(len(links), 1), figsize=(6 * max(len(links), 1), 4.5), sharey=True, squeeze=False)
@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.machine import describe_machine
-    from export.risk_control import Guarantee
+    from cartosplit.benchmarks.machine import describe_machine
+    from cartosplit.export.risk_control import Guarantee
 
     torch.set_num_threads(args.threads)
     profiles = load_profiles(Path(args.profiles_dir))

@@ -1,13 +1,13 @@
 """What each router kind costs on the device: bytes, graph file sizes, batch-1 latency.
 
-    python -m benchmarks.router_size --run runs/bench/sst2 --out benchmarks/results/router-size
+    python -m cartosplit.benchmarks.router_size --run runs/bench/sst2 --out benchmarks/results/router-size
 
-Each variant is fitted (``export.router.fit_router``) on the run's cached training-subset features at
+Each variant is fitted (``cartosplit.export.router.fit_router``) on the run's cached training-subset features at
 ``--depth`` and its cartography groups, as calibration fits it; free-feature routers also get the task
 labels and each sample's token count. The router alone is then exported (a graph taking pooled
 features [B, H], plus token counts [B] for free features, giving router logits [B, 3]) to ONNX fp32,
 ONNX int8 (the bundle writer's onnxruntime dynamic quantization) and, unless ``--no-tflite``, TFLite
-fp32 / int8 at batch 1 (``export.tflite``). Latency: median wall time of one call at batch 1 over
+fp32 / int8 at batch 1 (``cartosplit.export.tflite``). Latency: median wall time of one call at batch 1 over
 held-out calibration-split samples, ``--threads`` intra-op threads, after a warm-up; it includes the
 Python call into the runtime (a few microseconds). int8 agreement: argmax of the int8 graph against
 the fp32 graph on the calibration split.
@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.machine import describe_machine
-from benchmarks.timing import time_calls
-from export.onnx_export import DEFAULT_OPSET, quantize_int8
-from export.router import Router, RouterConfig, fit_router
+from cartosplit.benchmarks.machine import describe_machine
+from cartosplit.benchmarks.timing import time_calls
+from cartosplit.export.onnx_export import DEFAULT_OPSET, quantize_int8
+from cartosplit.export.router import Router, RouterConfig, fit_router
 
 VARIANTS: dict[str, dict] = {
     "logreg": {"kind": "logreg"},
@@ -137,7 +137,7 @@ def _tflite(router, names, arrays, folder: Path, threads: int, min_runs: int, mi
     """fp32 and int8 TFLite of the router at batch 1: size, latency, agreement with the fp32 ONNX graph."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from export.tflite import convert_to_tflite
+    from cartosplit.export.tflite import convert_to_tflite
 
     example = tuple(torch.from_numpy(a[:1]) for a in arrays)
     result: dict = {}
@@ -214,7 +214,7 @@ def measure(name: str, router: Router, calib_pooled, calib_tokens, folder: Path,
 
 
 def _token_counts(tokenizer, dataset) -> np.ndarray:
-    from device_runtime.text import encode
+    from cartosplit.device_runtime.text import encode
 
     return np.array([len(ids) for ids, _ in encode(tokenizer, dataset.texts, dataset.text_pairs)], dtype=np.int64)
 
@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tflite", action="store_true", help="skip the TFLite conversions")
     args = parser.parse_args(argv)
 
-    from device_runtime.text import load_tokenizer
-    from export.calibrate import load_calibration_data
+    from cartosplit.device_runtime.text import load_tokenizer
+    from cartosplit.export.calibrate import load_calibration_data
 
     started = time.time()
     load_average = tuple(round(x, 2) for x in os.getloadavg())
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    command = "python -m benchmarks.router_size " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m cartosplit.benchmarks.router_size " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     header = {
         "command": command,
         "machine": describe_machine(),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_runtime.bundle import Bundle
+from cartosplit.device_runtime.bundle import Bundle
 
 
 @dataclass
@@ -39,13 +39,13 @@ class DeviceSlice:
             raise ValueError(f"bundle has no {fmt} graphs (formats: {sorted(bundle.manifest['formats'])})")
         self.fmt = fmt
         if fmt.startswith("onnx"):
-            from device_runtime.onnx_backend import OnnxSession
+            from cartosplit.device_runtime.onnx_backend import OnnxSession
 
             self.head = OnnxSession(bundle.graph_file("device_head", fmt), threads)
             self.tail = OnnxSession(bundle.graph_file("device_tail", fmt), threads)
             self.buckets: list[int] | None = None
         else:
-            from device_runtime.litert_backend import LiteRTSession
+            from cartosplit.device_runtime.litert_backend import LiteRTSession
 
             self.buckets = sorted(int(b) for b in bundle.manifest["formats"][fmt]["buckets"])
             self.sessions = {
@@ -65,7 +65,7 @@ class DeviceSlice:
             return DeviceOutputs(
                 router_logits, hidden_r, hidden_d, logits, middle - began, time.perf_counter() - middle
             )
-        from device_runtime.litert_backend import bucket_for, pad_to
+        from cartosplit.device_runtime.litert_backend import bucket_for, pad_to
 
         width = ids.shape[1]
         bucket = bucket_for(width, self.buckets)

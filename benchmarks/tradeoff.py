@@ -36,14 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.baselines import (
+from cartosplit.benchmarks.baselines import (
     exit_scores,
     patience_tiers,
     random_tiers,
     search_shared_threshold,
     shared_threshold_tiers,
 )
-from benchmarks.promise import (
+from cartosplit.benchmarks.promise import (
     GUARANTEE_KINDS,
     PROTOCOLS,
     Candidate,
@@ -54,11 +54,11 @@ from benchmarks.promise import (
     promise_markdown,
     run_protocols,
 )
-from benchmarks.report import bench_command, write_report
-from device_runtime.cli import comma_list
-from device_runtime.costs import TIER_CLOUD_DIRECT, TIER_DEVICE, TIER_EDGE, TIER_NAMES, CostProfile
-from device_runtime.metrics import metric_from_counts, set_metric
-from device_runtime.policy import (
+from cartosplit.benchmarks.report import bench_command, write_report
+from cartosplit.device_runtime.cli import comma_list
+from cartosplit.device_runtime.costs import TIER_CLOUD_DIRECT, TIER_DEVICE, TIER_EDGE, TIER_NAMES, CostProfile
+from cartosplit.device_runtime.metrics import metric_from_counts, set_metric
+from cartosplit.device_runtime.policy import (
     ExitSignals,
     Objective,
     Policy,
@@ -88,7 +88,7 @@ TRAINING_KEYS = ("model", "train_size", "calib_size", "epochs", "batch_size", "l
 
 def ensure_trained(task: str, run: Path, args: argparse.Namespace) -> None:
     """Train the task's run unless it has finished; continue an interrupted one."""
-    from export.train import RUN_FILE, TrainConfig, train
+    from cartosplit.export.train import RUN_FILE, TrainConfig, train
 
     info = json.loads((run / RUN_FILE).read_text()) if (run / RUN_FILE).is_file() else {}
     if info.get("status") in ("trained", "calibrated"):
@@ -197,8 +197,8 @@ def _policy_row(policy: Policy, signals: ExitSignals, labels, tier_costs, metric
 
 def evaluate_task(task: str, run: Path, profile: CostProfile, args: argparse.Namespace) -> dict:
     """Every method on the task's dev set, thresholds from the calibration split."""
-    from export.calibrate import load_calibration_data
-    from export.router import RouterConfig, fit_router, router_probs
+    from cartosplit.export.calibrate import load_calibration_data
+    from cartosplit.export.router import RouterConfig, fit_router, router_probs
 
     data = load_calibration_data(run)
     metric = METRIC.get(task, "accuracy")
@@ -499,7 +499,7 @@ def plot_frontier(name: str, task: dict, out: Path) -> None:
 
 def merge_report(results: Path, task_name: str, task: dict, command: str, model: str, split: list[int]) -> dict:
     """Put one task into tradeoff.json, keeping the other tasks' entries (each with its own command)."""
-    from benchmarks.machine import describe_machine
+    from cartosplit.benchmarks.machine import describe_machine
 
     path = results / "tradeoff.json"
     report = json.loads(path.read_text()) if path.is_file() else {}

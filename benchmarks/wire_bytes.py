@@ -16,9 +16,9 @@ Encodings of a hidden state [S, H]: ``fp32-padded-max`` and ``fp32-padded-bucket
 bundle's max length, or to the smallest TFLite bucket that fits: what a device would send without
 trimming; the wire has no mask field, so the receiver would also need the real length, not counted),
 ``fp32`` (trimmed to the real tokens: what cartosplit sends), ``fp16`` (the runtime's default), ``int8``
-(per-tensor affine, ``protos.codec``).
+(per-tensor affine, ``cartosplit.protos.codec``).
 
-Accuracy on dev, per encoding: the hidden state is encoded and decoded with ``protos.codec`` on every
+Accuracy on dev, per encoding: the hidden state is encoded and decoded with ``cartosplit.protos.codec`` on every
 hop it crosses, and the edge and cloud slices finish on onnxruntime fp32; labels and accuracy are
 compared with the unencoded fp32 path (same graphs, no codec). Padded encodings run the whole chain at
 the padded width with the mask marking the padding, as a receiver given the length would.
@@ -56,8 +56,8 @@ BATCH = 64  # rows per onnxruntime call; samples are grouped by length so nothin
 def hidden_request(bundle_id: str, depth: int, hidden: np.ndarray, encoding: int, edge_timing: bool = False):
     """The ``InferRequest`` carrying ``hidden`` [S, H], as ``DeviceRuntime._request`` builds it (and, with
     ``edge_timing``, as the edge forwards it: the edge's ``TierTiming`` attached)."""
-    from protos import tiers_pb2 as pb
-    from protos.codec import PROTOCOL_VERSION, encode_tensor
+    from cartosplit.protos import tiers_pb2 as pb
+    from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
 
     request = pb.InferRequest(
         request_id=uuid.uuid4().hex, bundle_id=bundle_id, protocol_version=PROTOCOL_VERSION, depth=depth
@@ -70,8 +70,8 @@ def hidden_request(bundle_id: str, depth: int, hidden: np.ndarray, encoding: int
 
 def token_request(bundle_id: str, input_ids: list[int], token_type_ids: list[int]):
     """The all-cloud request: token ids as INT32, depth 0 (``DeviceRuntime._request(0, tokens=...)``)."""
-    from protos import tiers_pb2 as pb
-    from protos.codec import PROTOCOL_VERSION, encode_tensor
+    from cartosplit.protos import tiers_pb2 as pb
+    from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
 
     request = pb.InferRequest(
         request_id=uuid.uuid4().hex, bundle_id=bundle_id, protocol_version=PROTOCOL_VERSION, depth=0
@@ -87,8 +87,8 @@ def wire_size(request) -> int:
 
 def round_trip(hidden: np.ndarray, encoding: int) -> np.ndarray:
     """``hidden`` as the receiver decodes it after ``encoding`` (the codec the servers use)."""
-    from protos import tiers_pb2 as pb
-    from protos.codec import decode_tensor, encode_tensor
+    from cartosplit.protos import tiers_pb2 as pb
+    from cartosplit.protos.codec import decode_tensor, encode_tensor
 
     return decode_tensor(encode_tensor(hidden, encoding), "hidden", 2, (pb.FP32, pb.FP16, pb.INT8), hidden.size)
 
@@ -131,8 +131,8 @@ class Chain:
     """Device slice, edge, cloud from e and cloud from r on onnxruntime fp32, batched over same-width samples."""
 
     def __init__(self, bundle, threads: int | None) -> None:
-        from benchmarks.timing import DeviceSlice
-        from device_runtime.onnx_backend import OnnxSession
+        from cartosplit.benchmarks.timing import DeviceSlice
+        from cartosplit.device_runtime.onnx_backend import OnnxSession
 
         sp = bundle.split_points
         self.r, self.d, self.e = sp["router_depth"], sp["device"], sp["edge"]
@@ -170,15 +170,15 @@ def _codec_wire(encoding: int):
 
 
 def _pad_tokens(tokens: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
-    from device_runtime.litert_backend import pad_to
+    from cartosplit.device_runtime.litert_backend import pad_to
 
     return {k: pad_to(v, width) for k, v in tokens.items()}
 
 
 def measure(bundle, encoded: list, texts: list[str], labels: np.ndarray, threads: int | None, buckets) -> dict:
     """Bytes per hop and encoding for every sample, and accuracy per encoding (see the module docstring)."""
-    from device_runtime.text import pad_batch
-    from protos import tiers_pb2 as pb
+    from cartosplit.device_runtime.text import pad_batch
+    from cartosplit.protos import tiers_pb2 as pb
 
     m = bundle.manifest
     max_length = m["model"]["max_length"]
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cartosplit bench bytes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--bundle", required=True, help="bundle folder (needs onnx-fp32 graphs)")
-    parser.add_argument("--data-dir", help="GLUE folder (default: the usual resolution, see export.data)")
+    parser.add_argument("--data-dir", help="GLUE folder (default: the usual resolution, see cartosplit.export.data)")
     parser.add_argument("--data-file", help="your own labelled CSV / JSON Lines instead of the task's GLUE dev set")
     parser.add_argument("--limit", type=int, help="only the first N samples")
     parser.add_argument("--threads", type=int, help="onnxruntime threads (default: its own choice)")
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_data(args: argparse.Namespace, manifest: dict):
     """The labelled samples and a description, or (None, reason) when there is no data to use."""
-    from export.data import DataError, load_file, load_glue
+    from cartosplit.export.data import DataError, load_file, load_glue
 
     labels = manifest["model"]["labels"]
     if args.data_file:
@@ -370,9 +370,9 @@ def _load_data(args: argparse.Namespace, manifest: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.report import bench_command, write_report
-    from device_runtime.bundle import load_bundle
-    from device_runtime.text import encode, load_tokenizer
+    from cartosplit.benchmarks.report import bench_command, write_report
+    from cartosplit.device_runtime.bundle import load_bundle
+    from cartosplit.device_runtime.text import encode, load_tokenizer
 
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:

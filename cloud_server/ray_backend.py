@@ -1,6 +1,6 @@
 """Scale-out of a tier on Ray Serve: the grpcio front keeps the protocol, the slices run in Ray replicas.
 
-The front (``cloud_server.tier.TierServer``) still owns the wire contract, TLS, auth, validation, health,
+The front (``cartosplit.cloud_server.tier.TierServer``) still owns the wire contract, TLS, auth, validation, health,
 metrics, streaming and its own micro-batching. What changes with ``--backend ray`` is where a closed
 micro-batch runs: instead of onnxruntime in the front's process, it goes through a Serve deployment handle to
 a replica of the tier's deployment (onnxruntime inside, every graph of the tier). A replica batches again
@@ -31,9 +31,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cloud_server.tier import RequestError, log_event
-from device_runtime.bundle import Bundle, load_bundle
-from device_runtime.onnx_backend import OnnxSession
+from cartosplit.cloud_server.tier import RequestError, log_event
+from cartosplit.device_runtime.bundle import Bundle, load_bundle
+from cartosplit.device_runtime.onnx_backend import OnnxSession
 
 INSTALL_HINT = "pip install 'cartosplit[ray]'"
 APP_PREFIX = "cartosplit"
@@ -296,7 +296,7 @@ def slice_deployment() -> Any:
 def tier_graphs(bundle: Bundle, tier: str) -> dict[str, str]:
     """``{graph: kind}`` of a tier, as its servicer opens them."""
     if tier == "cloud":
-        from cloud_server.server import cloud_graphs
+        from cartosplit.cloud_server.server import cloud_graphs
 
         return {g: "tokens" if depth == 0 else "hidden" for depth, g in cloud_graphs(bundle).items()}
     if tier == "edge":
@@ -320,7 +320,8 @@ def bind_application(
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """Application builder for ``serve run`` and KubeRay (``import_path: cloud_server.ray_backend:build_app``).
+    """Application builder for ``serve run`` and KubeRay
+    (``import_path: cartosplit.cloud_server.ray_backend:build_app``).
 
     ``args``: ``bundle`` (a folder every Ray node sees at that path), ``tier`` (cloud or edge, default cloud),
     ``format`` (default onnx-int8), and any :class:`RaySettings` key. The fronts then attach with ``--ray-app``.

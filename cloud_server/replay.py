@@ -12,7 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from protos import tiers_pb2 as pb
+from cartosplit.protos import tiers_pb2 as pb
 
 
 class ReplyCache:

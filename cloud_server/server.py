@@ -11,7 +11,7 @@ import sys
 
 import grpc
 
-from cloud_server.tier import (
+from cartosplit.cloud_server.tier import (
     RequestError,
     ServerConfig,
     TierMetrics,
@@ -26,9 +26,9 @@ from cloud_server.tier import (
     reply_from_logits,
     run_until_signal,
 )
-from device_runtime.bundle import Bundle, BundleError, load_bundle
-from protos import tiers_pb2 as pb
-from protos import tiers_pb2_grpc as pb_grpc
+from cartosplit.device_runtime.bundle import Bundle, BundleError, load_bundle
+from cartosplit.protos import tiers_pb2 as pb
+from cartosplit.protos import tiers_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CloudTier"].full_name
 DEFAULT_PORT = 50052

@@ -28,12 +28,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from cloud_server.replay import ReplyCache
-from device_runtime.bundle import Bundle
-from device_runtime.onnx_backend import OnnxSession
-from protos import tiers_pb2 as pb
-from protos.codec import PROTOCOL_VERSION, TensorError, decode_tensor
-from protos.security import ServerSecurity
+from cartosplit.cloud_server.replay import ReplyCache
+from cartosplit.device_runtime.bundle import Bundle
+from cartosplit.device_runtime.onnx_backend import OnnxSession
+from cartosplit.protos import tiers_pb2 as pb
+from cartosplit.protos.codec import PROTOCOL_VERSION, TensorError, decode_tensor
+from cartosplit.protos.security import ServerSecurity
 
 LOG = logging.getLogger("cartosplit.server")
 SERVER_FORMATS = ("onnx-int8", "onnx-fp32")
@@ -294,7 +294,7 @@ class LocalBackend:
 def open_backend(config: ServerConfig) -> GraphBackend:
     """The backend ``config.backend`` names; the Ray one is imported only when asked for (optional extra)."""
     if config.backend == "ray":
-        from cloud_server.ray_backend import RayBackend
+        from cartosplit.cloud_server.ray_backend import RayBackend
 
         return RayBackend(config.ray_address, config.ray_config, config.ray_app, config.max_batch)
     return LocalBackend()

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from device_runtime.defaults import DEFAULT_DEVICE_SPLIT, DEFAULT_EDGE_SPLIT, DEFAULT_MODEL
+from cartosplit.device_runtime.defaults import DEFAULT_DEVICE_SPLIT, DEFAULT_EDGE_SPLIT, DEFAULT_MODEL
 
 DESCRIPTION = """\
 Split a BERT classifier over device, edge and cloud (DIMEC-DC: multi-exit BERT + data-cartography router).
@@ -100,8 +100,8 @@ def _add_train_args(p: argparse.ArgumentParser, out_default: str | None, size: i
 
 
 def _train_config(args: argparse.Namespace):
-    from export.cartography import GroupingRule
-    from export.train import TrainConfig
+    from cartosplit.export.cartography import GroupingRule
+    from cartosplit.export.train import TrainConfig
 
     return TrainConfig(
         task=args.task,
@@ -217,9 +217,9 @@ def _add_calibrate_args(p: argparse.ArgumentParser, with_run: bool) -> None:
 
 
 def _calibrate_config(args: argparse.Namespace, run: str):
-    from device_runtime.policy import Objective
-    from export.calibrate import CalibrateConfig
-    from export.router import RouterConfig
+    from cartosplit.device_runtime.policy import Objective
+    from cartosplit.export.calibrate import CalibrateConfig
+    from cartosplit.export.router import RouterConfig
 
     return CalibrateConfig(
         run=run,
@@ -246,14 +246,14 @@ def _router_extras(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from export.train import train
+    from cartosplit.export.train import train
 
     train(_train_config(args), resume=args.resume)
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from export.calibrate import calibrate
+    from cartosplit.export.calibrate import calibrate
 
     calibrate(_calibrate_config(args, args.run))
     return 0
@@ -287,7 +287,7 @@ def comma_list(kind):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.bundle_writer import ExportConfig, export_bundle
+    from cartosplit.export.bundle_writer import ExportConfig, export_bundle
 
     export_bundle(
         ExportConfig(
@@ -307,7 +307,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from device_runtime.bundle import describe, load_bundle
+    from cartosplit.device_runtime.bundle import describe, load_bundle
 
     print(describe(load_bundle(args.bundle)))
     print("all files match their sha256")
@@ -356,13 +356,10 @@ def _check_text(text: str, number: int, max_chars: int) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from device_runtime.runtime import DeviceRuntime
+    from cartosplit.device_runtime.runtime import DeviceRuntime
+    from cartosplit.protos.security import ClientSecurity
 
-    security = None
-    if any(v is not None for v in (args.ca, args.cert, args.key, args.token_file)):
-        from protos.security import ClientSecurity
-
-        security = ClientSecurity(ca_file=args.ca, cert_file=args.cert, key_file=args.key, token_file=args.token_file)
+    security = ClientSecurity.from_options(args.ca, args.cert, args.key, args.token_file)
     # the bundle first: a wrong or tampered bundle is refused before any input is read
     runtime = DeviceRuntime(
         args.bundle,
@@ -397,7 +394,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from export.demo import run_demo
+    from cartosplit.export.demo import run_demo
 
     cfg = _train_config(args)
     run_demo(
@@ -411,7 +408,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks import cli as bench_cli
+    from cartosplit.benchmarks import cli as bench_cli
 
     if args.name is None:
         args.bench_parser.print_help()
@@ -492,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect, needs_export=False)
 
     try:  # the servers need the `server` extra (prometheus-client, grpc health/reflection); a device has not
-        from cloud_server import server as cloud_server
-        from edge_server import server as edge_server
+        from cartosplit.cloud_server import server as cloud_server
+        from cartosplit.edge_server import server as edge_server
     except ImportError as exc:
         cloud_server = edge_server = _MissingServerExtra(exc)
 
@@ -557,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run, needs_export=False)
 
-    from device_runtime import service as device_service
+    from cartosplit.device_runtime import service as device_service
 
     p = sub.add_parser(
         "serve-device",
@@ -572,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_service.add_arguments(p)
     p.set_defaults(func=device_service.main_from_args, needs_export=False)
 
-    from benchmarks import cli as bench_cli
+    from cartosplit.benchmarks import cli as bench_cli
 
     p = sub.add_parser(
         "bench",

@@ -1,4 +1,4 @@
-"""Run a fixed-shape TFLite slice (from ``export.tflite``) with LiteRT: numpy only, no torch.
+"""Run a fixed-shape TFLite slice (from ``cartosplit.export.tflite``) with LiteRT: numpy only, no torch.
 
 TFLite slices have FIXED shapes (litert-torch cannot lower a dynamic sequence length), so one file
 exists per sequence-length bucket: pick the bucket with :func:`bucket_for`, pad every input to it with

@@ -18,14 +18,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from device_runtime.costs import (
+from cartosplit.device_runtime.costs import (
     TIER_CLOUD_DIRECT,
     TIER_CLOUD_VIA_EDGE,
     TIER_DEVICE,
     TIER_EDGE,
     TIER_NAMES,
 )
-from device_runtime.metrics import check_metric, metric_from_counts
+from cartosplit.device_runtime.metrics import check_metric, metric_from_counts
 
 GROUP_NAMES = ("easy", "medium", "hard")
 EASY, MEDIUM, HARD = 0, 1, 2
@@ -165,7 +165,7 @@ class Objective:
 
     ``max_drop`` (points of ``metric``): lowest mean cost whose metric is at least the all-cloud
     metric minus ``max_drop`` points. ``reward``: highest metric − beta · mean cost. ``metric`` is
-    computed over the set (``device_runtime.metrics``): accuracy, or MCC / F1 for the GLUE tasks
+    computed over the set (``cartosplit.device_runtime.metrics``): accuracy, or MCC / F1 for the GLUE tasks
     judged by them.
     """
 
@@ -213,7 +213,7 @@ def search_policy(
 
     ``correct`` ([3, N] bool, per exit) replaces ``predictions == labels``: with
     ``correct = 1 - loss`` of a per-sample loss that is 0 at the final exit, "accuracy ≥ 1 − max_drop"
-    reads "mean loss ≤ max_drop", which is how ``export.risk_control`` searches on a risk (e.g. the
+    reads "mean loss ≤ max_drop", which is how ``cartosplit.export.risk_control`` searches on a risk (e.g. the
     disagreement with the final exit, which needs no label). Only the accuracy metric applies then.
     """
     labels = np.asarray(labels)

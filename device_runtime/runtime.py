@@ -1,6 +1,6 @@
 """The device side: tokenize, run the device graphs and the router, answer or offload, never lose an input.
 
-Per input, following the bundle's calibrated policy (see ``device_runtime.policy``):
+Per input, following the bundle's calibrated policy (see ``cartosplit.device_runtime.policy``):
 - router says hard (P(hard) >= hard_margin): send the hidden state at depth r (or, for r = 0, the tokens)
   straight to the cloud;
 - else finish the device slice; answer here if the device exit is confident (and the router did not
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from device_runtime.bundle import ONNX_FP32, ONNX_INT8, TFLITE_FP32, TFLITE_INT8, Bundle, load_bundle
-from device_runtime.costs import (
+from cartosplit.device_runtime.bundle import ONNX_FP32, ONNX_INT8, TFLITE_FP32, TFLITE_INT8, Bundle, load_bundle
+from cartosplit.device_runtime.costs import (
     TIER_CLOUD_DIRECT,
     TIER_CLOUD_VIA_EDGE,
     TIER_DEVICE,
@@ -32,11 +32,11 @@ from device_runtime.costs import (
     CostProfile,
     SplitPoints,
 )
-from device_runtime.policy import HARD, MEDIUM, Policy
-from device_runtime.text import encode, load_tokenizer, pad_batch
+from cartosplit.device_runtime.policy import HARD, MEDIUM, Policy
+from cartosplit.device_runtime.text import encode, load_tokenizer, pad_batch
 
 if TYPE_CHECKING:  # grpc is only needed once a tier is configured
-    from protos.security import ClientSecurity
+    from cartosplit.protos.security import ClientSecurity
 
 TIER_LABELS = {0: "unspecified", 1: "device", 2: "edge", 3: "cloud"}
 # the model reads at most max_length tokens; a far longer text only costs tokenizer time and memory
@@ -75,13 +75,13 @@ class _DeviceGraphs:
     def __init__(self, bundle: Bundle, fmt: str, threads: int | None) -> None:
         self.fmt = fmt
         if fmt.startswith("onnx"):
-            from device_runtime.onnx_backend import OnnxSession
+            from cartosplit.device_runtime.onnx_backend import OnnxSession
 
             self.head = OnnxSession(bundle.graph_file("device_head", fmt), threads)
             self.tail = OnnxSession(bundle.graph_file("device_tail", fmt), threads)
             self.buckets = None
         else:
-            from device_runtime.litert_backend import LiteRTSession
+            from cartosplit.device_runtime.litert_backend import LiteRTSession
 
             self.buckets = sorted(bundle.manifest["formats"][fmt]["buckets"])
             self.sessions = {
@@ -97,7 +97,7 @@ class _DeviceGraphs:
         if self.buckets is None:
             router_logits, hidden = self.head.run(inputs)
         else:
-            from device_runtime.litert_backend import bucket_for, pad_to
+            from cartosplit.device_runtime.litert_backend import bucket_for, pad_to
 
             self._bucket = bucket_for(length, self.buckets)
             inputs = [pad_to(x, self._bucket) for x in inputs]
@@ -111,7 +111,7 @@ class _DeviceGraphs:
         if self.buckets is None:
             hidden, logits = self.tail.run([hidden_r[None], mask])
         else:
-            from device_runtime.litert_backend import pad_to
+            from cartosplit.device_runtime.litert_backend import pad_to
 
             session = self.sessions[("device_tail", self._bucket)]
             hidden, logits = session.run([pad_to(hidden_r[None], self._bucket), pad_to(mask, self._bucket)])
@@ -131,7 +131,7 @@ class _Tier:
     ) -> None:
         import grpc
 
-        from protos import tiers_pb2_grpc
+        from cartosplit.protos import tiers_pb2_grpc
 
         self.address = address
         options = [
@@ -197,7 +197,7 @@ class DeviceRuntime:
         retry_after_s: float = 5.0,
         security: ClientSecurity | None = None,
     ) -> None:
-        from protos.codec import ENCODINGS
+        from cartosplit.protos.codec import ENCODINGS
 
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         m = self.bundle.manifest
@@ -229,8 +229,8 @@ class DeviceRuntime:
     # -- requests -------------------------------------------------------------------------------------------
 
     def _request(self, depth: int, hidden: np.ndarray | None = None, tokens: dict | None = None):
-        from protos import tiers_pb2 as pb
-        from protos.codec import PROTOCOL_VERSION, encode_tensor
+        from cartosplit.protos import tiers_pb2 as pb
+        from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
 
         request = pb.InferRequest(
             request_id=uuid.uuid4().hex,

@@ -17,7 +17,6 @@ typo cannot silently fall back to a default; relative paths are relative to the 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -33,7 +32,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from device_runtime.bundle import FORMATS
+from cartosplit.device_runtime.bundle import FORMATS
+from cartosplit.protos.addresses import is_loopback
 
 log = logging.getLogger("cartosplit.device_service")
 
@@ -203,7 +203,7 @@ def parse_config(text: str, source: Path | None = None) -> ServiceConfig:
         wanted = "onnx" if config.backend == "onnxruntime" else "tflite"
         if not config.format.startswith(wanted):
             raise ConfigError(f"{where}: format {config.format!r} does not run on backend {config.backend!r}")
-    if not config.allow_non_loopback and not _is_loopback(config.host):
+    if not config.allow_non_loopback and not is_loopback(config.host):
         raise ConfigError(
             f"{where}: listen.host {config.host!r} is not a loopback address; the HTTP API has no TLS and no "
             "authentication, so set listen.allow_non_loopback = true only behind a firewall or a proxy that adds them"
@@ -221,15 +221,6 @@ def load_config(path: str | Path) -> ServiceConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     return parse_config(text, path.resolve())
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def describe_config(config: ServiceConfig) -> dict:
@@ -287,7 +278,7 @@ def parse_classify_request(body: bytes, config: ServiceConfig) -> tuple[list[str
 
 
 class DeviceService(ThreadingHTTPServer):
-    """The HTTP server around one :class:`~device_runtime.runtime.DeviceRuntime`.
+    """The HTTP server around one :class:`~cartosplit.device_runtime.runtime.DeviceRuntime`.
 
     ``runtime`` is anything with ``predict(texts, text_pairs, max_chars)`` (tests pass their own).
     """
@@ -474,20 +465,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def build_runtime(config: ServiceConfig):
-    """The :class:`~device_runtime.runtime.DeviceRuntime` a config describes (the bundle is verified first)."""
-    from device_runtime.runtime import DeviceRuntime
+    """The :class:`~cartosplit.device_runtime.runtime.DeviceRuntime` a config describes (bundle verified first)."""
+    from cartosplit.device_runtime.runtime import DeviceRuntime
+    from cartosplit.protos.security import ClientSecurity
 
-    security = None
-    if any(v is not None for v in (config.ca, config.cert, config.key, config.token_file)):
-        from protos.security import ClientSecurity
-
-        security = ClientSecurity(
-            ca_file=config.ca,
-            cert_file=config.cert,
-            key_file=config.key,
-            token_file=config.token_file,
-            server_name=config.server_name,
-        )
+    security = ClientSecurity.from_options(config.ca, config.cert, config.key, config.token_file, config.server_name)
     return DeviceRuntime(
         config.bundle,
         edge=config.edge,

@@ -14,7 +14,7 @@ import sys
 import grpc
 import numpy as np
 
-from cloud_server.tier import (
+from cartosplit.cloud_server.tier import (
     RequestError,
     ServerConfig,
     TierMetrics,
@@ -34,12 +34,12 @@ from cloud_server.tier import (
     softmax,
     time_left,
 )
-from device_runtime.bundle import Bundle, BundleError, load_bundle
-from device_runtime.policy import Policy
-from protos import tiers_pb2 as pb
-from protos import tiers_pb2_grpc as pb_grpc
-from protos.codec import ENCODINGS, encode_tensor
-from protos.security import ClientSecurity
+from cartosplit.device_runtime.bundle import Bundle, BundleError, load_bundle
+from cartosplit.device_runtime.policy import Policy
+from cartosplit.protos import tiers_pb2 as pb
+from cartosplit.protos import tiers_pb2_grpc as pb_grpc
+from cartosplit.protos.codec import ENCODINGS, encode_tensor
+from cartosplit.protos.security import ClientSecurity
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeTier"].full_name
 DEFAULT_PORT = 50051
@@ -202,14 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cloud_security_from_args(args: argparse.Namespace) -> ClientSecurity | None:
     """--cloud-ca/--cloud-cert/--cloud-key/--cloud-token-file/--cloud-server-name; None when none is given."""
-    settings = {
-        "ca_file": args.cloud_ca,
-        "cert_file": args.cloud_cert,
-        "key_file": args.cloud_key,
-        "token_file": args.cloud_token_file,
-        "server_name": args.cloud_server_name,
-    }
-    return None if all(v is None for v in settings.values()) else ClientSecurity(**settings)
+    return ClientSecurity.from_options(
+        args.cloud_ca, args.cloud_cert, args.cloud_key, args.cloud_token_file, args.cloud_server_name
+    )
 
 
 def serve(args: argparse.Namespace) -> int:

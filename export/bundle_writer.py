@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from device_runtime.bundle import (
+from cartosplit.device_runtime.bundle import (
     FORMATS,
     MANIFEST_FILE,
     ONNX_FP32,
@@ -27,15 +27,15 @@ from device_runtime.bundle import (
     TFLITE_INT8,
     file_entries,
 )
-from device_runtime.onnx_backend import OnnxSession
-from device_runtime.policy import HARD, MEDIUM, Policy
-from device_runtime.text import encode, load_tokenizer, pad_batch
-from export.calibrate import CALIBRATION_FILE
-from export.model import MultiExitBert
-from export.onnx_export import DEFAULT_OPSET, INT8_CANDIDATES, export_onnx, quantize_int8
-from export.router import load_router
-from export.slices import build_slices
-from export.train import load_datasets, load_run
+from cartosplit.device_runtime.onnx_backend import OnnxSession
+from cartosplit.device_runtime.policy import HARD, MEDIUM, Policy
+from cartosplit.device_runtime.text import encode, load_tokenizer, pad_batch
+from cartosplit.export.calibrate import CALIBRATION_FILE
+from cartosplit.export.model import MultiExitBert
+from cartosplit.export.onnx_export import DEFAULT_OPSET, INT8_CANDIDATES, export_onnx, quantize_int8
+from cartosplit.export.router import load_router
+from cartosplit.export.slices import build_slices
+from cartosplit.export.train import load_datasets, load_run
 
 DEVICE_GRAPHS = ("device_head", "device_tail")  # what a phone runs; the only graphs exported to TFLite
 
@@ -157,7 +157,7 @@ def export_bundle(cfg: ExportConfig, log=print) -> Path:
     want_tflite = [f for f in cfg.formats if f.startswith("tflite")]
     if want_tflite:
         try:
-            from export.tflite import convert_to_tflite
+            from cartosplit.export.tflite import convert_to_tflite
         except ImportError as exc:
             raise ExportError(
                 f"TFLite export needs litert-torch ({exc}): pip install 'cartosplit[tflite]', "
@@ -259,7 +259,7 @@ def export_bundle(cfg: ExportConfig, log=print) -> Path:
         log(f"{ONNX_INT8}: chose {weight_type} per_channel={per_channel}; {verdict}")
 
     if want_tflite:
-        from device_runtime.litert_backend import LiteRTSession, bucket_for, pad_to
+        from cartosplit.device_runtime.litert_backend import LiteRTSession, bucket_for, pad_to
 
         buckets = tuple(sorted(cfg.buckets))
         for fmt in want_tflite:

@@ -14,17 +14,25 @@ from pathlib import Path
 
 import numpy as np
 
-from device_runtime.costs import TIER_CLOUD_DIRECT, TIER_DEVICE, TIER_EDGE, CostProfile
-from device_runtime.metrics import set_metric
-from device_runtime.policy import ExitSignals, Objective, answers, evaluate_tiers, oracle_tiers, route, search_policy
-from device_runtime.text import encode, load_tokenizer
-from export.cartography import Cartography
-from export.data import DataError, load_calibration_file, task_spec
-from export.model import MultiExitBert
-from export.risk_control import Guarantee, calibrate_along_path, held_out_path_score, plain_search_statement
-from export.router import RouterConfig, save_router
-from export.router_variant import FittedRouter, RouterVariant, fit_variant
-from export.train import load_datasets, load_run, predict_probs
+from cartosplit.device_runtime.costs import TIER_CLOUD_DIRECT, TIER_DEVICE, TIER_EDGE, CostProfile
+from cartosplit.device_runtime.metrics import set_metric
+from cartosplit.device_runtime.policy import (
+    ExitSignals,
+    Objective,
+    answers,
+    evaluate_tiers,
+    oracle_tiers,
+    route,
+    search_policy,
+)
+from cartosplit.device_runtime.text import encode, load_tokenizer
+from cartosplit.export.cartography import Cartography
+from cartosplit.export.data import DataError, load_calibration_file, task_spec
+from cartosplit.export.model import MultiExitBert
+from cartosplit.export.risk_control import Guarantee, calibrate_along_path, held_out_path_score, plain_search_statement
+from cartosplit.export.router import RouterConfig, save_router
+from cartosplit.export.router_variant import FittedRouter, RouterVariant, fit_variant
+from cartosplit.export.train import load_datasets, load_run, predict_probs
 
 CALIBRATION_FILE = "calibration.json"
 ROUTER_FIT_SAMPLES = 20_000  # the router is fitted on a random subset of at most this many trained samples
@@ -36,15 +44,15 @@ class CalibrateConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     costs: str | None = None  # JSON cost profile; None = the default unit convention
     objective: Objective = field(default_factory=Objective)
-    metric: str | None = None  # the set metric of the objective; None = the task's (export.data.TaskSpec)
-    guarantee: str = "ltt"  # ltt | crc | none (export.risk_control)
+    metric: str | None = None  # the set metric of the objective; None = the task's (cartosplit.export.data.TaskSpec)
+    guarantee: str = "ltt"  # ltt | crc | none (cartosplit.export.risk_control)
     delta: float = 0.1  # LTT: P(risk > max_drop) <= delta
     reference: str = "label"  # label: 1[wrong and final right]; final: 1[answer != final exit's], no label
     calib_file: str | None = None  # the user's own in-domain calibration samples (labelled or not)
     path_fraction: float = 1 / 3  # without calib_file: share of the calibration split that shapes the path
     seed: int = 0
-    router_groups: str = "train"  # what the router learns: export.router_targets.GROUP_SOURCES
-    grouping: str = "fixed"  # fixed | adaptive (export.router_targets.GROUPINGS)
+    router_groups: str = "train"  # what the router learns: cartosplit.export.router_targets.GROUP_SOURCES
+    grouping: str = "fixed"  # fixed | adaptive (cartosplit.export.router_targets.GROUPINGS)
     keep_router: bool = False  # deploy the router even when it loses on held-out data (the verdict says so)
     grid_size: int = 25
     margin_grid_size: int = 12
@@ -136,8 +144,8 @@ class CalibrationData:
     ``ROUTER_FIT_SAMPLES`` of the trained samples."""
 
     run: Path
-    train_config: object  # export.train.TrainConfig
-    model_config: object  # export.model.MultiExitConfig
+    train_config: object  # cartosplit.export.train.TrainConfig
+    model_config: object  # cartosplit.export.model.MultiExitConfig
     sets: dict  # name -> TextDataset for "train" (the trained subset), "calib" and "dev"
     forward: dict  # name -> (exit probabilities [3, N, K], {depth: pooled features [N, H]})
     groups: np.ndarray  # cartography group per sample of sets["train"] (the run's fixed rule)

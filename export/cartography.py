@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device_runtime.policy import EASY, GROUP_NAMES, HARD, MEDIUM
+from cartosplit.device_runtime.policy import EASY, GROUP_NAMES, HARD, MEDIUM
 
 EXIT_NAMES = ("device", "edge", "final")
 

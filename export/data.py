@@ -71,7 +71,7 @@ class TaskSpec:
     glue_dir: str
     label_names: tuple[str, ...]
     is_pair: bool
-    metric: str = "accuracy"  # GLUE's metric over the set (device_runtime.metrics)
+    metric: str = "accuracy"  # GLUE's metric over the set (cartosplit.device_runtime.metrics)
 
 
 TASKS: dict[str, TaskSpec] = {

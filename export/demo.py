@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from device_runtime.costs import CostProfile
-from device_runtime.policy import Policy
-from export.calibrate import CALIBRATION_FILE, CalibrateConfig, UncertifiableError, calibrate
-from export.train import RUN_FILE, TrainConfig, train
+from cartosplit.device_runtime.costs import CostProfile
+from cartosplit.device_runtime.policy import Policy
+from cartosplit.export.calibrate import CALIBRATION_FILE, CalibrateConfig, UncertifiableError, calibrate
+from cartosplit.export.train import RUN_FILE, TrainConfig, train
 
 READY = re.compile(r"serving .* on (\S+:\d+)\s*$")
 
@@ -39,7 +39,7 @@ class ServerProcess:
         name: str,
         timeout_s: float = 120.0,
         prefix: Sequence[str] = (),
-        module: str = "device_runtime.cli",
+        module: str = "cartosplit.device_runtime.cli",
     ) -> None:
         self.name = name
         self.process = subprocess.Popen(
@@ -175,10 +175,10 @@ def run_demo(
     limit: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    from device_runtime.bundle import load_bundle
-    from device_runtime.runtime import DeviceRuntime
-    from export.bundle_writer import ExportConfig, export_bundle
-    from export.data import load_glue
+    from cartosplit.device_runtime.bundle import load_bundle
+    from cartosplit.device_runtime.runtime import DeviceRuntime
+    from cartosplit.export.bundle_writer import ExportConfig, export_bundle
+    from cartosplit.export.data import load_glue
 
     started = time.time()
     run = Path(train_cfg.out)
@@ -210,7 +210,7 @@ def run_demo(
 
     dev = load_glue(train_cfg.task, "dev", train_cfg.data_dir) if not train_cfg.dev_file else None
     if dev is None:
-        from export.data import load_file
+        from cartosplit.export.data import load_file
 
         dev = load_file(train_cfg.dev_file, label_names=bundle.labels)
     texts = dev.texts[:limit] if limit else dev.texts

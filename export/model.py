@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from device_runtime.costs import SplitPoints
-from device_runtime.defaults import DEFAULT_MODEL
+from cartosplit.device_runtime.costs import SplitPoints
+from cartosplit.device_runtime.defaults import DEFAULT_MODEL
 
 MODEL_CONFIG_FILE = "multiexit.json"
 WEIGHTS_FILE = "model.safetensors"

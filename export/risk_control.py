@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
-from device_runtime.policy import ExitSignals, Objective, Policy, route, search_policy
+from cartosplit.device_runtime.policy import ExitSignals, Objective, Policy, route, search_policy
 
 GUARANTEES = ("ltt", "crc", "none")
 # The risk of the path's anchor on the path data (2 pt): s = 0.5 sits there, the 50 steps above it

@@ -15,7 +15,7 @@ tiny graph:
 ``free_features`` (logreg / mlp) appends what costs nothing more at depth r to the standardised pooled
 features: the max probability and the entropy of a tiny linear label head at depth r (fitted to the
 task labels on the fit samples), and log(1 + token count). The token count reaches the router in the
-exported graph as the attention mask's sum (``export.slices.DeviceHead``); offline callers pass
+exported graph as the attention mask's sum (``cartosplit.export.slices.DeviceHead``); offline callers pass
 ``n_tokens`` (the number of ids of each encoded sample, special tokens included).
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from device_runtime.policy import GROUP_NAMES
+from cartosplit.device_runtime.policy import GROUP_NAMES
 
 ROUTER_KINDS = ("logreg", "mlp", "centroid", "knn")
 FREE_FEATURE_KINDS = ("logreg", "mlp")

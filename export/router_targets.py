@@ -9,8 +9,8 @@ Group sources (``GROUP_SOURCES``):
   whether the cartography labels add anything over the outcome they are meant to predict.
 
 Groupings (``GROUPINGS``) for the two cartography sources: ``fixed`` (confidence >= 0.75 and
-variability <= 0.2 by default: ``export.cartography.GroupingRule``) or ``adaptive`` (by rank, no tier
-empty: ``export.cartography.AdaptiveGrouping``).
+variability <= 0.2 by default: ``cartosplit.export.cartography.GroupingRule``) or ``adaptive`` (by rank, no tier
+empty: ``cartosplit.export.cartography.AdaptiveGrouping``).
 
 The verdict (``judge_router``): a router that is no better than always predicting the majority group,
 or whose path does not beat the cascade's by >= 1 % of all-cloud's cost on held-out path samples under
@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import rankdata
 
-from device_runtime.policy import EASY, HARD, MEDIUM
-from export.cartography import (
+from cartosplit.device_runtime.policy import EASY, HARD, MEDIUM
+from cartosplit.export.cartography import (
     AdaptiveGrouping,
     Cartography,
     GroupingRule,

@@ -1,7 +1,7 @@
 """Fit one router variant on a trained run: which groups it learns, on which samples, and its verdict.
 
-A variant is a router (kind, depth, features: ``export.router.RouterConfig``) plus where its groups come
-from (``export.router_targets``). Groups from the trained samples fit the router on them; held-out groups
+A variant is a router (kind, depth, features: ``cartosplit.export.router.RouterConfig``) plus where its groups come
+from (``cartosplit.export.router_targets``). Groups from the trained samples fit the router on them; held-out groups
 (the calibration split's dynamics, or its outcomes) fit it on the *path* part of the calibration split,
 the samples that shape the policy path and never certify it. The path then sees out-of-fold router
 probabilities, as unseen traffic will; the certifying samples and dev see the router fitted on all of them.
@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from device_runtime.policy import HARD
-from export.router import Router, RouterConfig, RouterReport, fit_router, router_probs
-from export.router_targets import (
+from cartosplit.device_runtime.policy import HARD
+from cartosplit.export.router import Router, RouterConfig, RouterReport, fit_router, router_probs
+from cartosplit.export.router_targets import (
     RouterVerdict,
     check_variant,
     group_samples,
@@ -30,8 +30,8 @@ from export.router_targets import (
 @dataclass(frozen=True)
 class RouterVariant:
     router: RouterConfig = field(default_factory=RouterConfig)
-    groups: str = "train"  # export.router_targets.GROUP_SOURCES
-    grouping: str = "fixed"  # export.router_targets.GROUPINGS (ignored by the outcome target)
+    groups: str = "train"  # cartosplit.export.router_targets.GROUP_SOURCES
+    grouping: str = "fixed"  # cartosplit.export.router_targets.GROUPINGS (ignored by the outcome target)
     folds: int = 5  # cross-fitting of a router fitted on the path samples
 
     def __post_init__(self) -> None:
@@ -96,7 +96,7 @@ def _shares(groups: np.ndarray) -> dict[str, float]:
 
 
 def fit_variant(data, variant: RouterVariant, path_idx: np.ndarray, keep_anyway: bool = False) -> FittedRouter:
-    """Fit ``variant`` on a run's ``export.calibrate.CalibrationData``; judge it on the path samples."""
+    """Fit ``variant`` on a run's ``cartosplit.export.calibrate.CalibrationData``; judge it on the path samples."""
     cfg, depth = variant.router, variant.router.depth
     feats = {name: data.forward[name][1][depth] for name in ("train", "calib", "dev")}
     toks = data.tokens

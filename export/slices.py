@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.model import MultiExitBert
-from export.router import Router
+from cartosplit.export.model import MultiExitBert
+from cartosplit.export.router import Router
 
 
 def _embed(model: MultiExitBert, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""Convert one slice (see ``export.slices``) to a fixed-shape TFLite file with litert-torch.
+"""Convert one slice (see ``cartosplit.export.slices``) to a fixed-shape TFLite file with litert-torch.
 
 litert-torch 0.10 lowers only static shapes, so a slice is converted once per sequence-length bucket
-(the shape of ``example_inputs``) and the device pads to the bucket (``device_runtime.litert_backend``).
+(the shape of ``example_inputs``) and the device pads to the bucket (``cartosplit.device_runtime.litert_backend``).
 
 What the converter does to the interface (checked on every conversion, see ``_check``):
 - int64 inputs become int32 (we trace with int32 ids/masks, so no silent downcast happens);
@@ -96,7 +96,7 @@ def _write_atomic(data: bytes, path: Path, check=None) -> None:
 
 def _check(path: Path, inputs: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...], exact: bool) -> None:
     """Input/output count, shapes and order of a converted file against the torch module."""
-    from device_runtime.litert_backend import LiteRTSession
+    from cartosplit.device_runtime.litert_backend import LiteRTSession
 
     session = LiteRTSession(path)
     shapes = [tuple(t.shape) for t in inputs]

@@ -73,7 +73,7 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 
 def tiny_train_config(out: Path, model: Path, files: tuple[Path, Path], **overrides):
-    from export.train import TrainConfig
+    from cartosplit.export.train import TrainConfig
 
     settings = dict(
         out=str(out),

@@ -21,17 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from device_runtime.defaults import DEFAULT_DEVICE_SPLIT, DEFAULT_EDGE_SPLIT
-from device_runtime.text import encode, load_tokenizer, pad_batch
-from export.cartography import (
+from cartosplit.device_runtime.defaults import DEFAULT_DEVICE_SPLIT, DEFAULT_EDGE_SPLIT
+from cartosplit.device_runtime.text import encode, load_tokenizer, pad_batch
+from cartosplit.export.cartography import (
     GroupingRule,
     assign_groups,
     compute_cartography,
     plot_data_map,
     summarize_groups,
 )
-from export.data import TextDataset, load_file, load_glue, task_spec
-from export.model import DEFAULT_MODEL, MultiExitBert, build_model, resolve_model_path, tokenizer_file
+from cartosplit.export.data import TextDataset, load_file, load_glue, task_spec
+from cartosplit.export.model import DEFAULT_MODEL, MultiExitBert, build_model, resolve_model_path, tokenizer_file
 
 RUN_FILE = "run.json"
 EXITS = 3

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from protos import tiers_pb2 as pb
+from cartosplit.protos import tiers_pb2 as pb
 
 PROTOCOL_VERSION = 1
 

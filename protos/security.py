@@ -20,13 +20,14 @@ address.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from cartosplit.protos.addresses import is_loopback
 
 LOG = logging.getLogger("cartosplit.security")
 UNAUTHENTICATED_DETAILS = "missing or invalid bearer token"
@@ -73,17 +74,6 @@ def read_token(path: PathLike) -> str:
     if any(not 0x21 <= ord(c) <= 0x7E for c in token):  # it travels as an HTTP/2 header value
         raise ValueError(f"the token file {str(path)!r} must hold one token: printable ASCII, no spaces or newlines")
     return token
-
-
-def is_loopback(host: str) -> bool:
-    """``localhost`` or a loopback IP (127.0.0.0/8, ::1); wildcards and other names are not."""
-    host = host.strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _describe(kind: str, mode: str, **paths: PathLike | None) -> str:
@@ -250,6 +240,27 @@ class ClientSecurity:
             raise ValueError("a client certificate needs both its certificate file and its key file")
         if self.ca_file is None and (self.cert_file is not None or self.server_name is not None):
             raise ValueError("a client certificate or a server name needs TLS: give the CA file to trust as well")
+
+    @classmethod
+    def from_options(
+        cls,
+        ca_file: PathLike | None = None,
+        cert_file: PathLike | None = None,
+        key_file: PathLike | None = None,
+        token_file: PathLike | None = None,
+        server_name: str | None = None,
+    ) -> ClientSecurity | None:
+        """The settings a command line or a config file gave; None when it gave none (a plaintext channel).
+
+        The one builder behind ``cartosplit run``, the device service and the edge's link to the cloud."""
+        settings = {
+            "ca_file": ca_file,
+            "cert_file": cert_file,
+            "key_file": key_file,
+            "token_file": token_file,
+            "server_name": server_name,
+        }
+        return None if all(v is None for v in settings.values()) else cls(**settings)
 
     @property
     def tls(self) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from export.tiny import make_tiny_bert, synthetic_rows, tiny_train_config, write_csv
+from cartosplit.export.tiny import make_tiny_bert, synthetic_rows, tiny_train_config, write_csv
 
 __all__ = ["make_tiny_bert", "synthetic_rows", "tiny_train_config", "write_csv"]  # tests import them from here
 
@@ -35,7 +35,7 @@ def synthetic_files(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_model, synthetic_files) -> Path:
     """One trained tiny run shared by the tests that only read it."""
-    from export.train import train
+    from cartosplit.export.train import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(tiny_train_config(out, tiny_model, synthetic_files), log=lambda *_: None)
@@ -50,8 +50,8 @@ def calibrated_run(trained_run, tmp_path_factory) -> Path:
     """The tiny run, calibrated with a logreg router at depth 1."""
     run = tmp_path_factory.mktemp("calibrated") / "run"
     shutil.copytree(trained_run, run)
-    from export.calibrate import CalibrateConfig, calibrate
-    from export.router import RouterConfig
+    from cartosplit.export.calibrate import CalibrateConfig, calibrate
+    from cartosplit.export.router import RouterConfig
 
     calibrate(
         CalibrateConfig(run=str(run), router=RouterConfig(kind="logreg", depth=1), guarantee="none"),
@@ -64,7 +64,7 @@ def calibrated_run(trained_run, tmp_path_factory) -> Path:
 def bundle(calibrated_run, tmp_path_factory) -> Path:
     """An ONNX (fp32 + int8) bundle of the tiny run: split r=1, d=1, e=2, L=4, hidden 32."""
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    from export.bundle_writer import ExportConfig, export_bundle
+    from cartosplit.export.bundle_writer import ExportConfig, export_bundle
 
     cfg = ExportConfig(run=str(calibrated_run), out=str(out), formats=ONNX_ONLY, validation_samples=64)
     export_bundle(cfg, log=lambda *_: None)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.baselines import (
+from cartosplit.benchmarks.baselines import (
     choose,
     entropy,
     exit_scores,
@@ -17,7 +17,7 @@ from benchmarks.baselines import (
     search_shared_threshold,
     shared_threshold_tiers,
 )
-from device_runtime.costs import (
+from cartosplit.device_runtime.costs import (
     TIER_CLOUD_DIRECT,
     TIER_CLOUD_VIA_EDGE,
     TIER_DEVICE,
@@ -26,7 +26,7 @@ from device_runtime.costs import (
     CostProfile,
     SplitPoints,
 )
-from device_runtime.policy import ExitSignals, Objective, Outcome, oracle_tiers
+from cartosplit.device_runtime.policy import ExitSignals, Objective, Outcome, oracle_tiers
 
 COSTS = CostProfile().tier_costs(SplitPoints(1, 2, 4, 6))
 

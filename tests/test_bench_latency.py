@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from benchmarks import latency
-from benchmarks.latency import (
+from cartosplit.benchmarks import latency
+from cartosplit.benchmarks.latency import (
     EnergyMeter,
     encoder_layer_flops,
     estimate_energy,
@@ -19,8 +19,8 @@ from benchmarks.latency import (
     matmul_flops,
     profile_watts,
 )
-from benchmarks.timing import summarize_ms, time_calls
-from device_runtime.bundle import load_bundle
+from cartosplit.benchmarks.timing import summarize_ms, time_calls
+from cartosplit.device_runtime.bundle import load_bundle
 
 SPLIT = {"router_depth": 1, "device": 2, "edge": 4, "total": 6}
 

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
-from device_runtime.cli import main
-from export.calibrate import CalibrateConfig, UncertifiableError, calibrate
-from export.data import DataError, load_calibration_file
-from export.router import RouterConfig
+from cartosplit.device_runtime.cli import main
+from cartosplit.export.calibrate import CalibrateConfig, UncertifiableError, calibrate
+from cartosplit.export.data import DataError, load_calibration_file
+from cartosplit.export.router import RouterConfig
 
 QUIET = {"log": lambda *_: None}
 
@@ -89,13 +89,13 @@ def test_calibration_file_formats(tmp_path):
 
 
 def _drop(points: float):
-    from device_runtime.policy import Objective
+    from cartosplit.device_runtime.policy import Objective
 
     return Objective("max-drop", points)
 
 
 def test_demo_loosens_to_the_smallest_certifiable_bound_and_says_so(run):
-    from export.demo import _calibrate_or_loosen, _calibration_matches
+    from cartosplit.export.demo import _calibrate_or_loosen, _calibration_matches
 
     said = []
     cfg = CalibrateConfig(run=str(run))  # LTT at 0.5 pt: refused on 100 samples

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from device_runtime.policy import EASY, HARD, MEDIUM
-from export.cartography import (
+from cartosplit.device_runtime.policy import EASY, HARD, MEDIUM
+from cartosplit.export.cartography import (
     Cartography,
     GroupingRule,
     assign_groups,

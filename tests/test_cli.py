@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from device_runtime.cli import build_parser, main
+from cartosplit.device_runtime.cli import build_parser, main
 from tests.conftest import write_csv
 
 NO_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
@@ -25,18 +25,20 @@ def test_every_subcommand_explains_itself(command, capsys):
 
 
 def test_help_and_clear_error_without_torch():
-    done = _run_python(NO_TORCH + "from device_runtime.cli import main; main(['--help'])")
+    done = _run_python(NO_TORCH + "from cartosplit.device_runtime.cli import main; main(['--help'])")
     assert done.returncode == 0 and "calibrate" in done.stdout
-    done = _run_python(NO_TORCH + "from device_runtime.cli import main; main(['train', '--task', 'sst2'])")
+    done = _run_python(NO_TORCH + "from cartosplit.device_runtime.cli import main; main(['train', '--task', 'sst2'])")
     assert done.returncode != 0
     assert "needs torch and transformers" in done.stderr and "pip install torch==2.13.0" in done.stderr
 
 
 def test_a_device_install_without_the_server_extra_still_runs_the_cli():
     blocked = "sys.modules['prometheus_client'] = None; sys.modules['grpc_health'] = None; "
-    done = _run_python(NO_TORCH + blocked + "from device_runtime.cli import main; main(['run', '--help'])")
+    done = _run_python(NO_TORCH + blocked + "from cartosplit.device_runtime.cli import main; main(['run', '--help'])")
     assert done.returncode == 0 and "--bundle" in done.stdout
-    done = _run_python(NO_TORCH + blocked + "from device_runtime.cli import main; main(['serve-edge', '--port', '1'])")
+    done = _run_python(
+        NO_TORCH + blocked + "from cartosplit.device_runtime.cli import main; main(['serve-edge', '--port', '1'])"
+    )
     assert done.returncode != 0 and "pip install 'cartosplit[server]'" in done.stderr
 
 

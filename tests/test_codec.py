@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protos import tiers_pb2 as pb
-from protos.codec import TensorError, decode_tensor, encode_tensor
+from cartosplit.protos import tiers_pb2 as pb
+from cartosplit.protos.codec import TensorError, decode_tensor, encode_tensor
 
 FLOATS = (pb.FP32, pb.FP16, pb.INT8)
 

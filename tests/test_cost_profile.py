@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from benchmarks import cost_profile
-from benchmarks.cost_profile import (
+from cartosplit.benchmarks import cost_profile
+from cartosplit.benchmarks.cost_profile import (
     DEFAULT_LINKS,
     LinkSpec,
     Selection,
@@ -17,7 +17,7 @@ from benchmarks.cost_profile import (
     token_request_bytes,
     transfer_ms,
 )
-from device_runtime.costs import CostProfile, SplitPoints
+from cartosplit.device_runtime.costs import CostProfile, SplitPoints
 
 SPLIT = {"router_depth": 1, "device": 2, "edge": 4, "total": 6}
 

@@ -1,4 +1,4 @@
-"""Tests for export.data: GLUE TSV layouts, data-dir resolution, the HF fallback's errors, user files.
+"""Tests for cartosplit.export.data: GLUE TSV layouts, data-dir resolution, the HF fallback's errors, user files.
 
 All fast and offline: tiny files are written under tmp_path. Only TestRealGlue reads the shared GLUE
 copy, and it skips when that copy is absent.
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import data
-from export.data import (
+from cartosplit.export import data
+from cartosplit.export.data import (
     ENV_DATA_DIR,
     TASKS,
     DataError,
@@ -132,7 +132,7 @@ class TestTaskSpec:
 
     def test_module_does_not_import_torch_or_transformers(self) -> None:
         # The device tier imports this module and has neither installed.
-        code = "import sys, export.data; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+        code = "import sys, cartosplit.export.data; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
         root = Path(data.__file__).resolve().parents[1]
         out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "[]"

@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from benchmarks import device_profiles
-from benchmarks.device_profiles import (
+from cartosplit.benchmarks import device_profiles
+from cartosplit.benchmarks.device_profiles import (
     device_gflops,
     device_profile,
     load_specs,
     scaled_profile,
 )
-from device_runtime.costs import CostProfile
+from cartosplit.device_runtime.costs import CostProfile
 
 SPLIT = {"router_depth": 1, "device": 2, "edge": 4, "total": 6}
 HOST = 20.0  # GFLOP/s, fixed so the tests need no timing

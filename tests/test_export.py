@@ -5,9 +5,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from device_runtime.bundle import BundleError, load_bundle
-from device_runtime.cli import main
-from export.bundle_writer import ExportConfig, ExportError, export_bundle
+from cartosplit.device_runtime.bundle import BundleError, load_bundle
+from cartosplit.device_runtime.cli import main
+from cartosplit.export.bundle_writer import ExportConfig, ExportError, export_bundle
 from tests.conftest import ONNX_ONLY
 
 QUIET = {"log": lambda *_: None}
@@ -172,7 +172,7 @@ import sys
 sys.modules["torch"] = None  # any import of torch now fails
 sys.modules["transformers"] = None
 import numpy as np
-from device_runtime import bundle, cli, costs, litert_backend, onnx_backend, policy, text
+from cartosplit.device_runtime import bundle, cli, costs, litert_backend, onnx_backend, policy, text
 b = bundle.load_bundle({str(bundle)!r})
 tok = text.load_tokenizer(b.path(b.manifest["tokenizer"]), 32)
 batch = text.pad_batch(text.encode(tok, ["the film was good", "bad plot"]))

@@ -12,14 +12,14 @@ import time
 import numpy as np
 import pytest
 
-from cloud_server.server import build_cloud_server
-from cloud_server.tier import ServerConfig
-from device_runtime.policy import Policy
-from device_runtime.runtime import DeviceRuntime
-from export.demo import ServerProcess
-from protos import tiers_pb2 as pb
-from protos import tiers_pb2_grpc
-from protos.codec import PROTOCOL_VERSION, encode_tensor
+from cartosplit.cloud_server.server import build_cloud_server
+from cartosplit.cloud_server.tier import ServerConfig
+from cartosplit.device_runtime.policy import Policy
+from cartosplit.device_runtime.runtime import DeviceRuntime
+from cartosplit.export.demo import ServerProcess
+from cartosplit.protos import tiers_pb2 as pb
+from cartosplit.protos import tiers_pb2_grpc
+from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
 
 CLIMB = Policy(alpha_device=math.inf, alpha_edge=math.inf)  # every input leaves the device
 
@@ -122,7 +122,7 @@ def _request(bundle_id, request_id, hidden):
 
 
 def test_a_retried_request_is_answered_from_the_reply_cache(bundle, cloud_stub):
-    from device_runtime.bundle import load_bundle
+    from cartosplit.device_runtime.bundle import load_bundle
 
     server, stub = cloud_stub
     bundle_id = load_bundle(bundle).bundle_id
@@ -139,7 +139,7 @@ def test_a_retried_request_is_answered_from_the_reply_cache(bundle, cloud_stub):
 def test_extreme_but_finite_activations_are_refused_not_answered_with_nan(bundle, cloud_stub, value):
     import grpc
 
-    from device_runtime.bundle import load_bundle
+    from cartosplit.device_runtime.bundle import load_bundle
 
     _, stub = cloud_stub
     hidden = np.full((4, 32), value, dtype=np.float32)

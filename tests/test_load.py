@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.fuzz_server import WEIGHTS, Target, make_task, run_fuzz
-from benchmarks.load import run_load
-from device_runtime.bundle import load_bundle
+from cartosplit.benchmarks.fuzz_server import WEIGHTS, Target, make_task, run_fuzz
+from cartosplit.benchmarks.load import run_load
+from cartosplit.device_runtime.bundle import load_bundle
 
 # words the tiny bundle's tokenizer knows (tests/conftest.py), so inputs are not all [UNK]
 SENTENCES = ["the movie was very good", "a boring film", "this plot is awful", "the actors are superb", "it is dull"]

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.promise import PROTOCOLS, Candidate, half_splits, promise_kept, run_protocols
-from device_runtime.costs import CostProfile, SplitPoints
-from device_runtime.metrics import confusion_counts, metric_from_counts, set_metric
-from device_runtime.policy import ExitSignals, Objective, answers, route, search_policy
+from cartosplit.benchmarks.promise import PROTOCOLS, Candidate, half_splits, promise_kept, run_protocols
+from cartosplit.device_runtime.costs import CostProfile, SplitPoints
+from cartosplit.device_runtime.metrics import confusion_counts, metric_from_counts, set_metric
+from cartosplit.device_runtime.policy import ExitSignals, Objective, answers, route, search_policy
 
 
 def test_mcc_and_f1_by_hand():
@@ -91,7 +91,13 @@ def test_run_protocols_reports_the_promise_keys():
 
 
 def test_promise_report_renders_tables_headline_and_plot(tmp_path):
-    from benchmarks.promise import best_under_guarantee, headline, headline_markdown, plot_promise, promise_markdown
+    from cartosplit.benchmarks.promise import (
+        best_under_guarantee,
+        headline,
+        headline_markdown,
+        plot_promise,
+        promise_markdown,
+    )
 
     calib, calib_labels = _signals(600, seed=4)
     dev, dev_labels = _signals(500, seed=5)

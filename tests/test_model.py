@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from device_runtime.text import encode, load_tokenizer, pad_batch
-from export.model import ModelError, MultiExitBert, build_model, pool, resolve_model_path
+from cartosplit.device_runtime.text import encode, load_tokenizer, pad_batch
+from cartosplit.export.model import ModelError, MultiExitBert, build_model, pool, resolve_model_path
 from tests.conftest import make_tiny_bert
 
 

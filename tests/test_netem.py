@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from benchmarks import netem
-from benchmarks.netem import (
+from cartosplit.benchmarks import netem
+from cartosplit.benchmarks.netem import (
     DEFAULT_LINKS,
     DelayProxy,
     LinkSpec,
@@ -233,7 +233,7 @@ FAST_LINKS = ["--link", "device-edge=1gbit/1ms", "--link", "edge-cloud=1gbit/2ms
 
 
 def _smoke(bundle, tmp_path, shaper: str, extra: list[str]) -> dict:
-    from benchmarks.e2e import main
+    from cartosplit.benchmarks.e2e import main
 
     dev = write_csv(tmp_path / "dev.csv", synthetic_rows(6, seed=5, noise=0.0))
     out = tmp_path / "e2e"

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_runtime.costs import (
+from cartosplit.device_runtime.costs import (
     TIER_CLOUD_DIRECT,
     TIER_CLOUD_VIA_EDGE,
     TIER_DEVICE,
@@ -15,7 +15,7 @@ from device_runtime.costs import (
     CostProfile,
     SplitPoints,
 )
-from device_runtime.policy import (
+from cartosplit.device_runtime.policy import (
     ExitSignals,
     Objective,
     Policy,

@@ -23,15 +23,15 @@ import grpc
 import numpy as np
 import pytest
 
-from cloud_server import ray_backend
-from cloud_server.ray_backend import RaySettings, bucket_for, pad_to, seq_buckets
-from cloud_server.server import build_cloud_server
-from cloud_server.tier import ServerConfig, TierServer
-from device_runtime.bundle import Bundle, load_bundle
-from edge_server.server import build_edge_server
-from protos import tiers_pb2 as pb
-from protos import tiers_pb2_grpc as pb_grpc
-from protos.codec import decode_tensor
+from cartosplit.cloud_server import ray_backend
+from cartosplit.cloud_server.ray_backend import RaySettings, bucket_for, pad_to, seq_buckets
+from cartosplit.cloud_server.server import build_cloud_server
+from cartosplit.cloud_server.tier import ServerConfig, TierServer
+from cartosplit.device_runtime.bundle import Bundle, load_bundle
+from cartosplit.edge_server.server import build_edge_server
+from cartosplit.protos import tiers_pb2 as pb
+from cartosplit.protos import tiers_pb2_grpc as pb_grpc
+from cartosplit.protos.codec import decode_tensor
 from tests.test_servers import FP32, ROOT, Reference, cloud_stub, code_of, edge_stub, request
 
 TOL = 1e-5
@@ -87,7 +87,7 @@ def test_buckets_and_padding():
 
 def test_a_front_batch_larger_than_the_replicas_batch_is_refused(tmp_path):
     pytest.importorskip("ray")
-    from cloud_server.ray_backend import RayBackend
+    from cartosplit.cloud_server.ray_backend import RayBackend
 
     config = tmp_path / "ray.yaml"
     config.write_text("max_batch_size: 8\n")
@@ -351,7 +351,7 @@ def test_serve_cloud_on_ray_stops_on_sigterm_and_takes_ray_with_it(loaded, ray_c
     import ray
 
     assert not ray.is_initialized()
-    command = [sys.executable, "-m", "device_runtime.cli", "serve-cloud", "--bundle", str(loaded.folder)]
+    command = [sys.executable, "-m", "cartosplit.device_runtime.cli", "serve-cloud", "--bundle", str(loaded.folder)]
     command += ["--port", "0", "--format", FP32, "--backend", "ray", "--ray-config", str(ray_config)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from device_runtime.costs import CostProfile, SplitPoints
-from device_runtime.policy import ExitSignals, Objective, Policy, route, search_policy
-from export.risk_control import (
+from cartosplit.device_runtime.costs import CostProfile, SplitPoints
+from cartosplit.device_runtime.policy import ExitSignals, Objective, Policy, route, search_policy
+from cartosplit.export.risk_control import (
     Guarantee,
     binomial_p_values,
     calibrate_along_path,
@@ -210,7 +210,7 @@ def test_a_router_that_says_nothing_falls_back_to_the_cascade_s_path():
     """The router's candidates include the cascade's paths, so on the path data its chosen path never
     scores worse than the cascade's (a noise router may still win there by chance: that is what the
     held-out verdict and the certification are for)."""
-    from export.risk_control import choose_path, path_score
+    from cartosplit.export.risk_control import choose_path, path_score
 
     signals, labels = population(1500, seed=10)
     noise = np.random.default_rng(11).dirichlet(np.ones(3), len(labels))

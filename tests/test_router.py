@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.router import (
+from cartosplit.export.router import (
     ROUTER_KINDS,
     RouterConfig,
     fit_router,
@@ -279,7 +279,7 @@ def test_free_features_refuse_missing_labels_or_token_counts():
 
 @pytest.fixture(scope="module")
 def tiny_multi_exit(tiny_model):
-    from export.model import build_model
+    from cartosplit.export.model import build_model
 
     torch.manual_seed(0)
     return build_model(str(tiny_model), num_labels=2, device_split=1, edge_split=2).eval()
@@ -314,8 +314,8 @@ def test_device_head_with_the_router_runs_in_onnxruntime_like_torch(tiny_multi_e
     import onnx
     import onnxruntime as ort
 
-    from export.onnx_export import export_onnx, quantize_int8
-    from export.slices import build_slices
+    from cartosplit.export.onnx_export import export_onnx, quantize_int8
+    from cartosplit.export.slices import build_slices
 
     model = tiny_multi_exit
     fit_tokens = token_batch(seed=0, batch=200)
@@ -351,9 +351,9 @@ def test_device_head_with_the_router_runs_in_onnxruntime_like_torch(tiny_multi_e
 
 
 def test_a_knn_router_calibrates_and_exports_as_a_validated_bundle(trained_run, tmp_path):
-    from device_runtime.bundle import load_bundle
-    from export.bundle_writer import ExportConfig, export_bundle
-    from export.calibrate import CalibrateConfig, calibrate
+    from cartosplit.device_runtime.bundle import load_bundle
+    from cartosplit.export.bundle_writer import ExportConfig, export_bundle
+    from cartosplit.export.calibrate import CalibrateConfig, calibrate
     from tests.conftest import ONNX_ONLY
 
     run = tmp_path / "run"

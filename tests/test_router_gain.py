@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.router_gain import _rounded, headline, markdown
+from cartosplit.benchmarks.router_gain import _rounded, headline, markdown
 
 
 def _row(name, cut, kept, held_out, drop=0.1):

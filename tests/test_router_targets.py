@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_runtime.policy import EASY, HARD, MEDIUM
-from export.cartography import AdaptiveGrouping, Cartography, assign_groups_adaptive
-from export.router_targets import (
+from cartosplit.device_runtime.policy import EASY, HARD, MEDIUM
+from cartosplit.export.cartography import AdaptiveGrouping, Cartography, assign_groups_adaptive
+from cartosplit.export.router_targets import (
     auroc,
     check_variant,
     group_samples,

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from device_runtime.cli import main
-from device_runtime.onnx_backend import OnnxSession
-from device_runtime.policy import Policy
-from device_runtime.runtime import DeviceRuntime
-from export.demo import ServerProcess
+from cartosplit.device_runtime.cli import main
+from cartosplit.device_runtime.onnx_backend import OnnxSession
+from cartosplit.device_runtime.policy import Policy
+from cartosplit.device_runtime.runtime import DeviceRuntime
+from cartosplit.export.demo import ServerProcess
 
 TEXTS = ["the film was good", "a bad plot", "it is quite dull", "superb actors", "the movie", "nice but boring"]
 
@@ -29,8 +29,8 @@ def servers(bundle):
 
 def reference_final(bundle, texts):
     """The final exit computed in-process with plain onnxruntime, no servers involved."""
-    from device_runtime.bundle import load_bundle
-    from device_runtime.text import encode, load_tokenizer, pad_batch
+    from cartosplit.device_runtime.bundle import load_bundle
+    from cartosplit.device_runtime.text import encode, load_tokenizer, pad_batch
 
     b = load_bundle(bundle)
     tok = load_tokenizer(b.path("tokenizer.json"), 32)
@@ -108,7 +108,7 @@ def test_run_command_streams_jsonl_without_torch(bundle, servers, tmp_path):
     out = tmp_path / "out.jsonl"
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "from device_runtime.cli import main\n"
+        "from cartosplit.device_runtime.cli import main\n"
         f"sys.exit(main(['run', '--bundle', {str(bundle)!r}, '--edge', {edge.address!r}, '--cloud', "
         f"{cloud.address!r}, '--input', {str(source)!r}, '--output', {str(out)!r}]))"
     )

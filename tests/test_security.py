@@ -26,19 +26,19 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cloud_server.server import build_cloud_server
-from cloud_server.tier import JsonFormatter, ServerConfig, TierServer, config_from_args
-from device_runtime.bundle import Bundle, load_bundle
-from device_runtime.cli import build_parser
-from device_runtime.onnx_backend import OnnxSession
-from device_runtime.policy import Policy
-from device_runtime.runtime import DeviceRuntime
-from device_runtime.text import encode, pad_batch
-from edge_server.server import build_edge_server, cloud_security_from_args
-from protos import tiers_pb2 as pb
-from protos import tiers_pb2_grpc as pb_grpc
-from protos.codec import PROTOCOL_VERSION, encode_tensor
-from protos.security import (
+from cartosplit.cloud_server.server import build_cloud_server
+from cartosplit.cloud_server.tier import JsonFormatter, ServerConfig, TierServer, config_from_args
+from cartosplit.device_runtime.bundle import Bundle, load_bundle
+from cartosplit.device_runtime.cli import build_parser
+from cartosplit.device_runtime.onnx_backend import OnnxSession
+from cartosplit.device_runtime.policy import Policy
+from cartosplit.device_runtime.runtime import DeviceRuntime
+from cartosplit.device_runtime.text import encode, pad_batch
+from cartosplit.edge_server.server import build_edge_server, cloud_security_from_args
+from cartosplit.protos import tiers_pb2 as pb
+from cartosplit.protos import tiers_pb2_grpc as pb_grpc
+from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
+from cartosplit.protos.security import (
     UNAUTHENTICATED_DETAILS,
     BearerTokenInterceptor,
     ClientSecurity,
@@ -425,7 +425,7 @@ def test_command_line_flags_reach_the_settings(certs, tokens):
 
 def test_servers_refuse_a_plaintext_token_at_start(certs, tokens, bundle):
     """Through the real command lines: a clear error and exit code 2, before any port is bound."""
-    cli = [sys.executable, "-m", "device_runtime.cli"]
+    cli = [sys.executable, "-m", "cartosplit.device_runtime.cli"]
     common = ["--bundle", str(bundle), "--port", "0", "--format", FP32]
     cloud = subprocess.run(
         [*cli, "serve-cloud", *common, "--host", "0.0.0.0", "--token-file", str(tokens["right"])],
@@ -447,8 +447,8 @@ def test_servers_refuse_a_plaintext_token_at_start(certs, tokens, bundle):
 
 def test_the_command_lines_end_to_end(bundle, certs, tokens, tmp_path, monkeypatch):
     """serve-cloud and serve-edge with TLS + token as processes, and `cartosplit run` reaching them."""
-    from device_runtime.cli import main
-    from export.demo import ServerProcess
+    from cartosplit.device_runtime.cli import main
+    from cartosplit.export.demo import ServerProcess
 
     # the device never confident, the edge never either (--alpha-edge inf): every input crosses both links
     monkeypatch.setattr(Policy, "from_dict", staticmethod(lambda _: Policy(alpha_device=math.inf)))

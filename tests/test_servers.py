@@ -25,16 +25,16 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloud_server.server import SERVICE_NAME as CLOUD_SERVICE
-from cloud_server.server import build_cloud_server
-from cloud_server.tier import ServerConfig, TierServer
-from device_runtime.bundle import Bundle, load_bundle
-from device_runtime.onnx_backend import OnnxSession
-from edge_server.server import SERVICE_NAME as EDGE_SERVICE
-from edge_server.server import build_edge_server
-from protos import tiers_pb2 as pb
-from protos import tiers_pb2_grpc as pb_grpc
-from protos.codec import PROTOCOL_VERSION, encode_tensor
+from cartosplit.cloud_server.server import SERVICE_NAME as CLOUD_SERVICE
+from cartosplit.cloud_server.server import build_cloud_server
+from cartosplit.cloud_server.tier import ServerConfig, TierServer
+from cartosplit.device_runtime.bundle import Bundle, load_bundle
+from cartosplit.device_runtime.onnx_backend import OnnxSession
+from cartosplit.edge_server.server import SERVICE_NAME as EDGE_SERVICE
+from cartosplit.edge_server.server import build_edge_server
+from cartosplit.protos import tiers_pb2 as pb
+from cartosplit.protos import tiers_pb2_grpc as pb_grpc
+from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
 
 FP32 = "onnx-fp32"
 TOL = 1e-5
@@ -489,7 +489,7 @@ def test_a_port_in_use_is_an_error(loaded, cloud):
 
 
 def test_serve_cloud_prints_its_address_and_stops_on_sigterm(loaded):
-    command = [sys.executable, "-m", "cloud_server.server", "--bundle", str(loaded.folder), "--port", "0"]
+    command = [sys.executable, "-m", "cartosplit.cloud_server.server", "--bundle", str(loaded.folder), "--port", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

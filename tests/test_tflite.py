@@ -14,8 +14,8 @@ pytest.importorskip("litert_torch", reason="TFLite export needs litert-torch: pi
 
 import torch
 
-from device_runtime.litert_backend import LiteRTSession, bucket_for, pad_to
-from device_runtime.text import encode, load_tokenizer
+from cartosplit.device_runtime.litert_backend import LiteRTSession, bucket_for, pad_to
+from cartosplit.device_runtime.text import encode, load_tokenizer
 
 BUCKET = 16
 SENTENCES = [
@@ -29,9 +29,9 @@ SLICES = ("device_head", "device_tail", "edge")
 
 @pytest.fixture(scope="module")
 def slices(tiny_model):
-    from export.model import build_model
-    from export.router import Router
-    from export.slices import build_slices
+    from cartosplit.export.model import build_model
+    from cartosplit.export.router import Router
+    from cartosplit.export.slices import build_slices
 
     torch.manual_seed(0)
     model = build_model(str(tiny_model), num_labels=2, device_split=1, edge_split=2).eval()
@@ -57,7 +57,7 @@ def padded(row):
 @pytest.fixture(scope="module")
 def converted(slices, tmp_path_factory):
     """(slice name, int8) -> LiteRTSession, converting on first use."""
-    from export.tflite import convert_to_tflite
+    from cartosplit.export.tflite import convert_to_tflite
 
     _, graphs = slices
     folder = tmp_path_factory.mktemp("tflite")
@@ -170,7 +170,7 @@ def test_conversion_writes_one_file_and_no_temporary(converted):
 
 
 def test_convert_without_litert_torch_says_how_to_install(monkeypatch, slices, tmp_path):
-    from export.tflite import convert_to_tflite
+    from cartosplit.export.tflite import convert_to_tflite
 
     monkeypatch.setitem(sys.modules, "litert_torch", None)  # import now raises ImportError
     module = slices[1]["device_tail"][0]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_runtime.bundle import TFLITE_FP32, TFLITE_INT8, load_bundle
+from cartosplit.device_runtime.bundle import TFLITE_FP32, TFLITE_INT8, load_bundle
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "android.md"
 BUCKETS = (16, 32)
@@ -49,7 +49,7 @@ def resolve_shape(symbolic: str, sizes: dict[str, int]) -> tuple[int, ...]:
 def tflite_bundle(calibrated_run, tmp_path_factory) -> Path:
     """The tiny calibrated run exported to TFLite only (fp32 and int8, buckets 16 and 32)."""
     pytest.importorskip("litert_torch", reason="TFLite export needs litert-torch: pip install 'cartosplit[tflite]'")
-    from export.bundle_writer import ExportConfig, export_bundle
+    from cartosplit.export.bundle_writer import ExportConfig, export_bundle
 
     out = tmp_path_factory.mktemp("tflite-bundle") / "tiny"
     cfg = ExportConfig(
@@ -117,7 +117,7 @@ def test_the_graphs_run_as_the_guide_says(tflite_bundle):
     and the padded hidden state cut to the real tokens equals an unpadded-bucket run's (masking holds)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from device_runtime.text import encode, load_tokenizer
+    from cartosplit.device_runtime.text import encode, load_tokenizer
 
     bundle = load_bundle(tflite_bundle)
     m = bundle.manifest
@@ -160,7 +160,7 @@ def test_every_manifest_field_the_guide_names_exists(tflite_bundle):
 def test_the_guides_wordpiece_gives_the_ids_tokenizers_gives(tiny_model):
     import importlib.util
 
-    from device_runtime.text import encode, load_tokenizer
+    from cartosplit.device_runtime.text import encode, load_tokenizer
 
     path = GUIDE.parent / "android" / "wordpiece_check.py"
     spec = importlib.util.spec_from_file_location("wordpiece_check", path)

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from export.calibrate import CalibrateConfig, calibrate
-from export.router import RouterConfig
-from export.train import RunError, length_bucketed_batches, split_indices, train
+from cartosplit.export.calibrate import CalibrateConfig, calibrate
+from cartosplit.export.router import RouterConfig
+from cartosplit.export.train import RunError, length_bucketed_batches, split_indices, train
 from tests.conftest import tiny_train_config
 
 QUIET = {"log": lambda *_: None}
@@ -52,7 +52,7 @@ def test_length_buckets_cover_every_sample_once_and_group_lengths():
 def test_resume_after_an_interruption_reproduces_an_uninterrupted_run(
     tmp_path, tiny_model, synthetic_files, monkeypatch
 ):
-    import export.train as train_module
+    import cartosplit.export.train as train_module
 
     straight = tiny_train_config(tmp_path / "straight", tiny_model, synthetic_files, epochs=2, train_size=160)
     train(straight, **QUIET)

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import wire_bytes
-from benchmarks.wire_bytes import bucket_of, compare, hidden_request, round_trip, token_request, wire_size
-from device_runtime.runtime import DeviceRuntime
-from protos import tiers_pb2 as pb
+from cartosplit.benchmarks import wire_bytes
+from cartosplit.benchmarks.wire_bytes import bucket_of, compare, hidden_request, round_trip, token_request, wire_size
+from cartosplit.device_runtime.runtime import DeviceRuntime
+from cartosplit.protos import tiers_pb2 as pb
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", type=int, default=3, help="golden ids to print for an app's unit test")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's device_runtime
-    from device_runtime.text import encode, load_tokenizer
+    from cartosplit.device_runtime.text import encode, load_tokenizer
 
     reference = load_tokenizer(args.tokenizer_json, args.max_length)
     guide = GuideWordPiece(args.tokenizer_json, args.max_length)

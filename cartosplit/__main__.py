@@ -1,0 +1,5 @@
+"""``python -m cartosplit``: the command line."""
+
+from cartosplit.cli import main
+
+raise SystemExit(main())

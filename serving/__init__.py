@@ -1,0 +1,1 @@
+"""The gRPC serving core both tiers import."""
