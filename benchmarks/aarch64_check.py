@@ -23,16 +23,16 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from cartosplit.serving.process import ServerProcess, start_servers, stop_servers
 
 REPO = Path(__file__).resolve().parents[1]
 # fallback inputs when the GLUE SST-2 dev file is not at hand (fixed, so every run compares the same thing)
@@ -116,8 +116,8 @@ def environment() -> dict:
 
 
 def device_formats(bundle) -> list[str]:
-    graphs = bundle.manifest["graphs"]
-    return [f for f in bundle.manifest["formats"] if f in graphs["device_head"]["files"]]
+    head = bundle.manifest.graphs["device_head"].formats()
+    return [f for f in bundle.manifest.formats if f in head]
 
 
 def run_device_graphs(bundle, texts: list[str], fmt: str, threads: int | None) -> tuple[dict, float]:
@@ -267,55 +267,6 @@ def cmd_sizes(args: argparse.Namespace) -> int:
 # --- host side ----------------------------------------------------------------------------------------------
 
 
-class _Process:
-    """A subprocess that prints a ready line naming its address; stderr kept (tail) for error messages.
-
-    (cartosplit.export.demo.ServerProcess does this too, but importing it pulls torch, which this check must not need.)
-    """
-
-    def __init__(self, argv: list[str], name: str, ready: re.Pattern, timeout_s: float) -> None:
-        self.name = name
-        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.stderr_tail: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.address = self._wait(ready, timeout_s)
-
-    def _drain(self) -> None:
-        for line in self.process.stderr:
-            self.stderr_tail = [*self.stderr_tail[-30:], line.rstrip()]
-
-    def _wait(self, ready: re.Pattern, timeout_s: float) -> str:
-        found: list[str] = []
-
-        def read() -> None:
-            for line in self.process.stdout:
-                match = ready.search(line)
-                if match:
-                    found.append(match.group(1))
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(timeout_s)
-        if not found:
-            self.stop()
-            tail = "\n".join(self.stderr_tail[-15:])
-            raise RuntimeError(
-                f"{self.name} did not start within {timeout_s:.0f} s (exit {self.process.poll()}):\n{tail}"
-            )
-        return found[0]
-
-    def stop(self, grace_s: float = 30.0) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
 def _in_root(root: str, cpu: str, *argv: str) -> list[str]:
     """The command line that runs ``argv`` inside the root, in a clean environment (no host PIP_*, paths)."""
     env = ["HOME=/root", "LANG=C.UTF-8", f"PATH={ROOT_PATH}", f"QEMU_CPU={cpu}", "PYTHONUNBUFFERED=1"]
@@ -345,17 +296,12 @@ def _http(url: str, body: dict | None = None, raw: bytes | None = None, timeout_
 
 
 def _device_decisions(router_logits: np.ndarray, device_logits: np.ndarray, policy) -> np.ndarray:
-    """What the device does per input: 0 answers itself, 1 sends to the edge, 2 sends straight to the cloud."""
-    from cartosplit.device_runtime.policy import HARD, MEDIUM
+    """What the device does per input (costs.TIER_*: answers itself, to the edge, straight to the cloud), as the
+    runtime decides it."""
+    from cartosplit.device_runtime.numerics import softmax
+    from cartosplit.device_runtime.policy import device_decision
 
-    def softmax(z):
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-
-    router, device = softmax(router_logits), softmax(device_logits)
-    direct = router[:, HARD] >= policy.hard_margin
-    answers = ~direct & (device.max(axis=1) >= policy.alpha_device) & (router[:, MEDIUM] < policy.medium_margin)
-    return np.where(direct, 2, np.where(answers, 0, 1))
+    return device_decision(policy, softmax(router_logits), softmax(device_logits))
 
 
 def compare_outputs(x86: dict, arm: dict, formats: list[str], policy) -> dict:
@@ -436,14 +382,14 @@ def check_service_in_root(args, texts: list[str], edge: str, cloud: str, fmt: st
     )
     (Path(args.work) / "device.toml").write_text(config)
     argv = _in_root(args.root, args.qemu_cpu, "cartosplit", "serve-device", "--config", "/mnt/work/device.toml")
-    service = _Process(argv, "serve-device in the root", re.compile(r"serving .* on (http://\S+)"), 900)
+    service = ServerProcess(argv, "serve-device in the root", timeout_s=900, module=None)
     try:
         health_status, health = _http(f"{service.address}/healthz")
         status, reply = _http(f"{service.address}/v1/classify", {"texts": texts})
         bad_status, bad = _http(f"{service.address}/v1/classify", raw=b"{not json")
         after_status, _ = _http(f"{service.address}/v1/classify", {"texts": texts[:1]})
     finally:
-        exit_code = service.stop()
+        exit_code = service.stop(grace_s=30)  # emulated: a clean exit takes longer than natively
     labels = [p["label"] for p in reply.get("predictions", [])] if status == 200 else []
     agreement = float(np.mean([a == e["label"] for a, e in zip(labels, expected, strict=False)])) if labels else 0.0
     return {
@@ -489,27 +435,22 @@ def _mb(n: int) -> float:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from cartosplit.device_runtime.bundle import load_bundle
-    from cartosplit.device_runtime.policy import Policy
 
     work, root = Path(args.work), args.root
     load_before = os.getloadavg()[0]  # the host is shared: say how busy it was
     bundle = load_bundle(args.bundle)
-    if "onnx-int8" not in bundle.manifest["formats"] and "onnx-fp32" not in bundle.manifest["formats"]:
+    if "onnx-int8" not in bundle.manifest.formats and "onnx-fp32" not in bundle.manifest.formats:
         raise SystemExit("the edge and cloud servers need ONNX graphs; this bundle has none")
-    server_format = "onnx-int8" if "onnx-int8" in bundle.manifest["formats"] else "onnx-fp32"
+    server_format = "onnx-int8" if "onnx-int8" in bundle.manifest.formats else "onnx-fp32"
     formats = device_formats(bundle)
     predict_formats = [f for f in ("onnx-int8", "tflite-int8") if f in formats] or formats[:1]
-    inputs = load_inputs(bundle.manifest["model"].get("task"), args.samples, args.data_dir)
+    inputs = load_inputs(bundle.manifest.model.task, args.samples, args.data_dir)
     (work / "inputs.json").write_text(json.dumps(inputs, indent=1) + "\n")
     print(f"inputs: {inputs['source']}", file=sys.stderr)
 
-    cli = [sys.executable, "-m", "cartosplit.device_runtime.cli"]
-    ready = re.compile(r"serving .* on (\S+:\d+)\s*$")
-    common = ["--bundle", args.bundle, "--port", "0", "--format", server_format, "--threads", "1"]
-    cloud = _Process([*cli, "serve-cloud", *common], "cloud server", ready, 120)
-    edge = None
+    servers = start_servers(args.bundle, server_format, args=["--threads", "1"])
+    edge, cloud = servers["edge"], servers["cloud"]
     try:
-        edge = _Process([*cli, "serve-edge", *common, "--cloud", cloud.address], "edge server", ready, 120)
         print(f"servers on the host: edge {edge.address}, cloud {cloud.address} ({server_format})", file=sys.stderr)
         outputs = [
             "-m",
@@ -545,9 +486,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             x86_report["predictions"][predict_formats[0]],
         )
     finally:
-        if edge is not None:
-            edge.stop()
-        cloud.stop()
+        stop_servers(servers)
 
     subprocess.run(
         _in_root(
@@ -566,7 +505,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     with np.load(work / "x86.npz") as a, np.load(work / "arm64.npz") as b:
         x86_arrays, arm_arrays = dict(a), dict(b)
-    policy = Policy.from_dict(bundle.manifest["policy"])
+    policy = bundle.manifest.policy
     graphs = compare_outputs(x86_arrays, arm_arrays, formats, policy)
     predictions = {
         fmt: compare_predictions(x86_report["predictions"][fmt], arm_report["predictions"][fmt])
@@ -575,7 +514,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     checks = _checks(graphs, predictions, service, sizes, arm_report["environment"])
     arm_env = arm_report["environment"]
     report = {
-        "bundle": {"path": args.bundle, "id": bundle.bundle_id, "model": bundle.manifest["model"]["id"]},
+        "bundle": {"path": args.bundle, "id": bundle.bundle_id, "model": bundle.manifest.model.id},
         "inputs": {"source": inputs["source"], "count": len(inputs["texts"])},
         "emulation": {
             "qemu": args.qemu_version,

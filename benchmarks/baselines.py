@@ -111,18 +111,6 @@ def search_shared_threshold(
     return choose(candidates, reference, objective, values)
 
 
-def evaluate_shared_threshold(
-    signals: ExitSignals, labels: np.ndarray, tier_costs: np.ndarray, threshold: float, kind: str = "confidence"
-) -> Outcome:
-    tiers = shared_threshold_tiers(*exit_scores(signals, kind), threshold)
-    return evaluate_tiers(tiers, answers(tiers, signals), np.asarray(labels), tier_costs)
-
-
-def evaluate_patience(signals: ExitSignals, labels: np.ndarray, tier_costs: np.ndarray, patience: int = 1) -> Outcome:
-    tiers = patience_tiers(signals, patience)
-    return evaluate_tiers(tiers, answers(tiers, signals), np.asarray(labels), tier_costs)
-
-
 def random_tiers(shares: dict[str, float], n: int, draws: int = 50, seed: int = 0) -> list[np.ndarray]:
     """Tier assignments drawn at random in ``shares``' proportions (exact counts, shuffled), one per draw."""
     fractions = np.array([shares.get(name, 0.0) for name in TIER_NAMES], dtype=np.float64)

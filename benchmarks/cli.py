@@ -49,9 +49,18 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``cartosplit bench``: the benchmark's name; the rest goes to the benchmark."""
+    """Options of ``cartosplit bench``: the benchmark's name; the rest goes to the benchmark.
+
+    The parser is made without ``-h`` (the command table's ``own_help``): ``bench NAME --help`` is the
+    benchmark's own help, so ``--help`` is only recorded here and handed on.
+    """
+    parser.description = description()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "-h", "--help", action="store_true", dest="bench_help", help="this help; NAME --help: its options"
+    )
     parser.add_argument("name", nargs="?", choices=sorted(BENCHMARKS), metavar="NAME", help=", ".join(BENCHMARKS))
-    parser.set_defaults(accepts_any_arguments=True)
+    parser.set_defaults(accepts_any_arguments=True, bench_parser=parser)
 
 
 def description() -> str:
@@ -63,6 +72,15 @@ def description() -> str:
     )
 
 
-def run(name: str, argv: list[str]) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``cartosplit bench [NAME] ...``: the named benchmark over the arguments after its name."""
+    if args.name is None:
+        args.bench_parser.print_help()
+        return 0 if args.bench_help else 2
+    argv = list(args.extra_argv) + (["--help"] if args.bench_help else [])
+    return run_benchmark(args.name, argv)
+
+
+def run_benchmark(name: str, argv: list[str]) -> int:
     module = importlib.import_module(BENCHMARKS[name][0])
     return int(module.main(argv) or 0)

@@ -26,20 +26,20 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cartosplit.device_runtime.cli import comma_list
+from cartosplit.benchmarks.report import bench_command, bench_parser, write_report
+from cartosplit.cli_args import comma_list
+from cartosplit.serving.process import ServerProcess
 
 DEFAULT_CONFIGS = ("plain-t1", "plain-t2", "ray-r1", "ray-r2")
-READY = re.compile(r"serving .* on (\S+:\d+)\s*$")
 MIB = 1024 * 1024
 
 
@@ -67,13 +67,16 @@ class RequestSet:
 
 
 def build_requests(bundle, entry: str, sentences: list[str] | None, pool: int, seed: int = 0) -> RequestSet:
+    from cartosplit.device_runtime.manifest import cloud_graph
     from cartosplit.device_runtime.onnx_backend import OnnxSession
     from cartosplit.device_runtime.text import encode, load_tokenizer
     from cartosplit.protos import tiers_pb2 as pb
     from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
 
-    model, split = bundle.manifest["model"], bundle.split_points
-    max_length, vocab = int(model["max_length"]), int(model["vocab_size"])
+    model, split = bundle.manifest.model, bundle.split_points
+    max_length, vocab = model.max_length, model.vocab_size
+    if vocab is None:  # the servers refuse such a bundle too (serving.servicer)
+        raise ValueError("the bundle's manifest has no model.vocab_size: re-export it with `cartosplit export`")
     rng = np.random.default_rng(seed)
     if sentences is not None:
         tokenizer = load_tokenizer(bundle.path("tokenizer.json"), max_length)
@@ -105,13 +108,11 @@ def build_requests(bundle, entry: str, sentences: list[str] | None, pool: int, s
         state, _ = sessions["device_tail"].run([state, mask])
         state, _ = sessions["edge"].run([state, mask])
         hidden = state[0].astype(np.float16)  # fp16 on the wire, the edge's default
-        msg = pb.InferRequest(depth=split["edge"], **envelope)
+        msg = pb.InferRequest(depth=split.edge, **envelope)
         msg.hidden.CopyFrom(encode_tensor(hidden.astype(np.float32), pb.FP16))
         payloads.append(msg.SerializeToString())
         arrays.append((hidden.astype(np.float32),))
-    return RequestSet(
-        entry, split["edge"], f"cloud_from_{split['edge']}", payloads, arrays, [len(a[0]) for a in arrays]
-    )
+    return RequestSet(entry, split.edge, cloud_graph(split.edge), payloads, arrays, [len(a[0]) for a in arrays])
 
 
 def make_tiny_bundle(folder: Path) -> Path:
@@ -146,51 +147,6 @@ def make_tiny_bundle(folder: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- servers
-
-
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen
-    address: str
-    stderr_tail: list[str] = field(default_factory=list)
-
-    @classmethod
-    def start(cls, args: list[str], timeout_s: float = 300.0) -> ServerProcess:
-        command = [sys.executable, "-m", "cartosplit.device_runtime.cli", "serve-cloud", *args]
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        tail: list[str] = []
-
-        def drain() -> None:
-            for line in proc.stderr:
-                tail.append(line.rstrip()[:500])
-                del tail[:-30]
-
-        threading.Thread(target=drain, daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                if proc.poll() is not None:
-                    break
-                continue
-            match = READY.search(line)
-            if match:
-                return cls(proc, match.group(1), tail)
-        proc.kill()
-        proc.wait()
-        raise RuntimeError("serve-cloud did not start:\n" + "\n".join(tail[-12:]))
-
-    def stop(self, timeout_s: float = 60.0) -> float:
-        """SIGTERM and wait; returns how long the stop took."""
-        started = time.perf_counter()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return time.perf_counter() - started
 
 
 def config_args(name: str, fmt: str, workdir: Path, local_cpus: int) -> list[str]:
@@ -424,12 +380,12 @@ def slice_compute(bundle, requests: RequestSet, fmt: str, batches: Sequence[int]
 
 
 def slice_name(bundle, entry: str, graph: str) -> str:
-    model = bundle.manifest["model"]
+    model = bundle.manifest.model
     split = bundle.split_points
-    layers = split["total"] if entry == "tokens" else split["total"] - split["edge"]
+    layers = split.total if entry == "tokens" else split.total - split.edge
     # a hub id names the model; a local path (the tiny test model) does not, so name the bundle instead
-    short = Path(str(model["id"])).name if not Path(str(model["id"])).is_absolute() else Path(bundle.folder).name
-    return f"{short} {graph} ({layers} layers x {model['hidden_size']})"
+    short = Path(model.id).name if not Path(model.id).is_absolute() else Path(bundle.folder).name
+    return f"{short} {graph} ({layers} layers x {model.hidden_size})"
 
 
 def markdown(report: dict) -> list[str]:
@@ -595,11 +551,11 @@ def derive(points: list[dict]) -> list[dict]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="cartosplit bench cloud-scale",
-        description="The same requests through the plain cloud server and the Ray Serve backend (1 and 2 "
-        "replicas): p50/p99 latency, throughput, answers compared, idle memory of Ray's processes, and the "
-        "slice's own compute rate. Needs the ray extra.",
+    parser = bench_parser(
+        "cloud-scale",
+        "The same requests through the plain cloud server and the Ray Serve backend (1 and 2 replicas):\n"
+        "p50/p99 latency, throughput, answers compared, idle memory of Ray's processes, and the slice's\n"
+        "own compute rate. Needs the ray extra.",
     )
     parser.add_argument("--bundle", action="append", default=[], help="a bundle folder (repeat for more)")
     parser.add_argument("--tiny", metavar="DIR", help="also a tiny random bundle, built into DIR if missing")
@@ -631,9 +587,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    from cartosplit.benchmarks.report import bench_command, write_report
-    from cartosplit.cloud_server.ray_backend import ray_is_installed
     from cartosplit.device_runtime.bundle import load_bundle
+    from cartosplit.serving.ray_backend import ray_is_installed
 
     args = parse_args(argv)
     if any(c.startswith("ray") for c in args.configs) and not ray_is_installed():
@@ -663,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
             common += ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
             started = time.perf_counter()
             try:
-                server = ServerProcess.start([*common, *extra])
+                server = ServerProcess(["serve-cloud", *common, *extra], "serve-cloud", timeout_s=300)
             except RuntimeError as exc:  # e.g. a local Ray that cannot start on a starved machine: say so, go on
                 failures.append({"bundle": Path(folder).name, "config": config, "error": str(exc)[-600:]})
                 print(f"[cloud-scale] {config} did not start: {str(exc)[-300:]}", file=sys.stderr, flush=True)
@@ -674,9 +629,7 @@ def main(argv: list[str] | None = None) -> int:
                 if len(request_sets) > 1:
                     ClosedLoop(server.address, request_sets[1], 2, f"warm2-{config}").run(2.0, 0.0)
                 time.sleep(3.0)  # idle: let Ray's start-up work settle
-                memory.append(
-                    {"bundle": Path(folder).name, "config": config, "memory": idle_memory(server.process.pid)}
-                )
+                memory.append({"bundle": Path(folder).name, "config": config, "memory": idle_memory(server.pid)})
                 for rs in request_sets:
                     label = slice_name(bundle, rs.entry, rs.graph)
                     for clients in args.concurrency:
@@ -693,7 +646,9 @@ def main(argv: list[str] | None = None) -> int:
                         points.append(result)
                         print(f"[cloud-scale] {json.dumps(result)}", file=sys.stderr, flush=True)
             finally:
-                lifecycle[f"{Path(folder).name}/{config} stop"] = round(server.stop(), 1)
+                stopping = time.perf_counter()
+                server.stop(grace_s=60)
+                lifecycle[f"{Path(folder).name}/{config} stop"] = round(time.perf_counter() - stopping, 1)
     load_after = os.getloadavg()[0]
     note = args.note or "The machine's other work (if any) shares the 2 cores: latencies are noisy."
     report = {

@@ -1,6 +1,6 @@
 """A measured cost profile for calibration, built from the latency and bytes benchmarks' JSON.
 
-    python -m cartosplit.benchmarks.cost_profile --latency benchmarks/results/latency.json \\
+    cartosplit bench cost-profile --latency benchmarks/results/latency.json \\
         --bytes benchmarks/results/bytes.json --out-dir benchmarks/results
     cartosplit calibrate --run runs/sst2-4k --costs benchmarks/results/cost-profile-ms.json
 
@@ -34,7 +34,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cartosplit.benchmarks.report import bench_parser
 from cartosplit.device_runtime.costs import CostProfile
+from cartosplit.device_runtime.manifest import cloud_graph
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def compute_ms_per_layer(latency: dict, sel: Selection) -> dict[str, float]:
     common = {"batch": sel.batch, "length": sel.length, "threads": sel.threads}
     device = _row(latency, tier="device", key=sel.device_key, **common)
     edge = _row(latency, tier="edge", key=sel.server_key, graph="edge", **common)
-    cloud = _row(latency, tier="cloud", key=sel.server_key, graph=f"cloud_from_{e}", **common)
+    cloud = _row(latency, tier="cloud", key=sel.server_key, graph=cloud_graph(e), **common)
     return {
         "device": device[sel.statistic] / d,
         "edge": edge[sel.statistic] / (e - d),
@@ -133,6 +135,12 @@ def token_request_bytes(wire: dict) -> float:
         ) from None
 
 
+def _profile(per_layer: dict[str, float], hops: dict[str, float], unit: str, source: str) -> CostProfile:
+    """A profile from the cost of a layer on each tier (device, edge, cloud) and of each hop (HOPS, TOKEN_HOP)."""
+    layers = {f"{tier}_per_layer": per_layer[tier] for tier in ("device", "edge", "cloud")}
+    return CostProfile(**layers, **{hop: hops[hop] for hop in (*HOPS, TOKEN_HOP)}, unit=unit, source=source)
+
+
 def build_ms_profile(latency: dict, wire: dict, links: dict[str, LinkSpec], sel: Selection) -> CostProfile:
     per_layer = compute_ms_per_layer(latency, sel)
     nbytes = hop_bytes(wire, sel.encoding)
@@ -149,17 +157,7 @@ def build_ms_profile(latency: dict, wire: dict, links: dict[str, LinkSpec], sel:
         + ". device_to_cloud is the hard-sample hop (hidden state at r > 0); device_to_cloud_tokens the "
         "all-cloud request (and a hard sample's at r = 0)."
     )
-    return CostProfile(
-        device_per_layer=per_layer["device"],
-        edge_per_layer=per_layer["edge"],
-        cloud_per_layer=per_layer["cloud"],
-        device_to_edge=hops["device_to_edge"],
-        edge_to_cloud=hops["edge_to_cloud"],
-        device_to_cloud=hops["device_to_cloud"],
-        device_to_cloud_tokens=hops[TOKEN_HOP],
-        unit="ms",
-        source=source,
-    )
+    return _profile(per_layer, hops, "ms", source)
 
 
 def device_energy_per_layer(latency: dict, sel: Selection, profile_name: str, profile: dict) -> tuple[float, str]:
@@ -206,17 +204,8 @@ def build_mj_profile(
         f"device energy: {device_how}; edge/cloud per layer: the device waits, {idle_how} x their "
         f"{sel.statistic[:-3]} ms per layer; hops: " + "; ".join(hop_how) + f". Time basis: {ms.source}"
     )
-    return CostProfile(
-        device_per_layer=device_mj,
-        edge_per_layer=compute["edge"] * idle,
-        cloud_per_layer=compute["cloud"] * idle,
-        device_to_edge=hops["device_to_edge"],
-        edge_to_cloud=hops["edge_to_cloud"],
-        device_to_cloud=hops["device_to_cloud"],
-        device_to_cloud_tokens=hops[TOKEN_HOP],
-        unit="mJ",
-        source=source,
-    )
+    per_layer = {"device": device_mj, "edge": compute["edge"] * idle, "cloud": compute["cloud"] * idle}
+    return _profile(per_layer, hops, "mJ", source)
 
 
 def auto_length(latency: dict, wire: dict) -> int:
@@ -240,11 +229,7 @@ def _link(text: str) -> LinkSpec:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m cartosplit.benchmarks.cost_profile",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = bench_parser("cost-profile", __doc__)
     parser.add_argument("--latency", default="benchmarks/results/latency.json", help="cartosplit bench latency JSON")
     parser.add_argument("--bytes", default="benchmarks/results/bytes.json", help="cartosplit bench bytes JSON")
     parser.add_argument("--device-runtime", default="onnx-int8", help="device row key, e.g. onnx-int8, tflite-int8")

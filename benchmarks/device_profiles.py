@@ -1,6 +1,6 @@
 """Cost profiles for devices this machine is not: cited per-device compute and power, crossed with cited links.
 
-    python -m cartosplit.benchmarks.device_profiles --out-dir benchmarks/results/device-profiles
+    cartosplit bench device-profiles --out-dir benchmarks/results/device-profiles
 
 ``benchmarks/device_profiles.json`` holds, per device, an HPL-style GFLOP/s figure and its watts, and per link
 (Wi-Fi, LTE, wired) its bandwidth, one-way latency and radio watts, each with its public source. This module
@@ -36,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cartosplit.benchmarks.cost_profile import LinkSpec, hop_bytes, token_request_bytes, transfer_ms
+from cartosplit.benchmarks.report import bench_command, bench_parser
 from cartosplit.device_runtime.costs import CostProfile, SplitPoints
 
 DEVICE_PROFILES = Path(__file__).with_name("device_profiles.json")
@@ -214,11 +215,7 @@ def _split(wire: dict) -> SplitPoints:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m cartosplit.benchmarks.device_profiles",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = bench_parser("device-profiles", __doc__)
     parser.add_argument("--profiles", default="benchmarks/device_profiles.json", help="devices and links, cited")
     parser.add_argument("--base", default="benchmarks/results/cost-profile-ms.json", help="this machine's ms profile")
     parser.add_argument("--bytes", default="benchmarks/results/bytes.json", help="cartosplit bench bytes JSON")
@@ -278,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     index = {
         "schema_version": 1,
-        "command": "python -m cartosplit.benchmarks.device_profiles "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": bench_command("device-profiles", argv),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine,
         "host_compute": {

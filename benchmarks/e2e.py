@@ -42,8 +42,10 @@ import numpy as np
 
 from cartosplit.benchmarks.e2e_device import MODES
 from cartosplit.benchmarks.netem import LINK_NAMES, Network, check_links, links_from_args, make_network
-from cartosplit.benchmarks.report import bench_command, write_report
-from cartosplit.device_runtime.cli import positive_int
+from cartosplit.benchmarks.report import bench_command, bench_parser, publish, pyplot
+from cartosplit.cli_args import positive_int
+from cartosplit.device_runtime.manifest import Manifest
+from cartosplit.serving.process import ServerProcess, stop_servers
 
 DEFAULT_BUNDLE = "bundles/sst2-4k-all"
 DEFAULT_OUT = "benchmarks/results/e2e"
@@ -53,16 +55,16 @@ MODE_LABELS = {"cartosplit": "cartosplit (policy)", "all-cloud": "all-cloud", "a
 # ---------------------------------------------------------------------------------------------------- inputs
 
 
-def load_inputs(bundle_manifest: dict, data_dir: str | None, dev_file: str | None, limit: int | None):
+def load_inputs(bundle_manifest: Manifest, data_dir: str | None, dev_file: str | None, limit: int | None):
     """(texts, pairs or None, gold label ids, where they came from): GLUE dev of the bundle's task, or a file."""
     from cartosplit.export.data import load_file, load_glue
 
-    labels = bundle_manifest["model"]["labels"]
+    labels = bundle_manifest.model.labels
     if dev_file:
         data = load_file(dev_file, label_names=labels)
         source = f"{dev_file}"
     else:
-        task = bundle_manifest["model"].get("task", "sst2")
+        task = bundle_manifest.model.task
         data = load_glue(task, "dev", data_dir)
         source = f"GLUE {task} dev"
     n = min(limit, len(data.texts)) if limit else len(data.texts)
@@ -82,11 +84,9 @@ def write_inputs(path: Path, texts: Sequence[str], pairs: Sequence[str] | None) 
 
 def start_tiers(network: Network, bundle: str, server_format: str, server_threads: int) -> tuple[dict, dict]:
     """Cloud, then edge (which reaches the cloud over edge-cloud); the servers and the device's addresses."""
-    from cartosplit.export.demo import ServerProcess
-
     common = ["--bundle", bundle, "--host", network.bind_host, "--port", "0", "--format", server_format]
     common += ["--threads", str(server_threads), "--log-level", "warning"]
-    servers: dict = {}
+    servers: dict[str, ServerProcess] = {}
     try:
         servers["cloud"] = ServerProcess(["serve-cloud", *common], "cloud", prefix=network.prefix("cloud"))
         cloud_port = int(servers["cloud"].address.rsplit(":", 1)[1])
@@ -100,15 +100,9 @@ def start_tiers(network: Network, bundle: str, server_format: str, server_thread
             "cloud": network.open_link("device", "cloud", cloud_port),
         }
     except BaseException:
-        stop_tiers(servers)
+        stop_servers(servers)
         raise
     return servers, addresses
-
-
-def stop_tiers(servers: dict) -> None:
-    for name in ("edge", "cloud"):  # the edge first: it forwards to the cloud
-        if name in servers:
-            servers[name].stop()
 
 
 def run_device(
@@ -170,7 +164,7 @@ def run_e2e(
                 raw[mode] = run_device(network, mode, addresses, bundle, inputs, Path(tmp) / f"{mode}.jsonl", device)
             counters = counter_delta(network.counters(), counters_before)
         finally:
-            stop_tiers(servers)
+            stop_servers(servers)
     return {
         "network": description,
         "measured_links": measured_links,
@@ -324,10 +318,7 @@ def markdown(r: dict) -> list[str]:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     results, raw = report["results"], report["raw_latency_ms"]
     modes = list(results)
@@ -378,9 +369,7 @@ def _modes(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cartosplit bench e2e", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = bench_parser("e2e", __doc__)
     p.add_argument("--bundle", default=DEFAULT_BUNDLE, help="bundle folder (default: %(default)s)")
     p.add_argument("--data-dir", help="GLUE folder (default: the usual resolution, ../shared/data/glue first)")
     p.add_argument("--dev-file", help="labelled CSV/JSONL to use instead of the GLUE dev set")
@@ -463,27 +452,19 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "bundle": str(args.bundle),
         "bundle_id": bundle.bundle_id[:12],
-        "model": bundle.manifest["model"]["id"],
+        "model": bundle.manifest.model.id,
         "inputs": source,
         **run,
         "results": summarise(raw, gold),
         "load_average": {"before": load_before, "end": os.getloadavg()},
         "seconds": round(time.time() - began, 1),
     }
-    out = Path(args.out)
-    if args.plot:
-        sequential = {
-            mode: [
-                r["latency_ms"] for r in rows if r["pass"] == "sequential" and "latency_ms" in r and "error" not in r
-            ]
-            for mode, rows in raw.items()
-        }
-        report["plot"] = str(out.with_suffix(".png"))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        plot(report | {"raw_latency_ms": sequential}, out.with_suffix(".png"))
-    command = bench_command("e2e", argv)
-    write_report(report, out, command, markdown)
-    print(out.with_suffix(".md").read_text())
+    sequential = {
+        mode: [r["latency_ms"] for r in rows if r["pass"] == "sequential" and "latency_ms" in r and "error" not in r]
+        for mode, rows in raw.items()
+    }
+    with_plot = (lambda r, path: plot(r | {"raw_latency_ms": sequential}, path)) if args.plot else None
+    publish(report, args.out, bench_command("e2e", argv), markdown, with_plot)
     complete = all(p["every_input_answered"] for passes in report["results"].values() for p in passes.values())
     return 0 if complete else 1
 

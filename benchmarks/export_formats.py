@@ -1,6 +1,6 @@
 """Dev accuracy of every exit in each exported format, next to torch; file sizes; device-graph latency.
 
-    python -m cartosplit.benchmarks.export_formats --bundle bundles/sst2-4k --run runs/sst2-4k \
+    cartosplit bench export-formats --bundle bundles/sst2-4k --run runs/sst2-4k \
         --out benchmarks/results/sst2-4k-export-formats
 
 ONNX graphs run as the tiers chain them (device head -> device tail -> edge -> cloud), in batches
@@ -11,9 +11,7 @@ only (head + tail), on this machine's CPU with --threads threads.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,8 +20,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cartosplit.benchmarks.machine import describe_machine
+from cartosplit.benchmarks.report import bench_command, bench_parser
 from cartosplit.benchmarks.timing import DeviceSlice
 from cartosplit.device_runtime.bundle import FORMATS, Bundle, load_bundle
+from cartosplit.device_runtime.manifest import cloud_graph
 from cartosplit.device_runtime.text import encode, load_tokenizer, pad_batch
 
 EXITS = ("device", "edge", "final")
@@ -32,9 +32,8 @@ EXITS = ("device", "edge", "final")
 def _onnx_accuracy(bundle: Bundle, fmt: str, encoded: list, labels: np.ndarray, threads: int) -> dict:
     from cartosplit.device_runtime.onnx_backend import OnnxSession
 
-    sp = bundle.split_points
-    e = sp["edge"]
-    names = ("device_head", "device_tail", "edge", f"cloud_from_{e}", "full")
+    cloud = cloud_graph(bundle.split_points.edge)
+    names = ("device_head", "device_tail", "edge", cloud, "full")
     sessions = {n: OnnxSession(bundle.graph_file(n, fmt), threads) for n in names}
     preds = {k: np.zeros(len(encoded), dtype=np.int64) for k in (*EXITS, "full")}
     router = np.zeros(len(encoded), dtype=np.int64)
@@ -47,7 +46,7 @@ def _onnx_accuracy(bundle: Bundle, fmt: str, encoded: list, labels: np.ndarray, 
         router_logits, hidden_r = sessions["device_head"].run(tokens)
         hidden_d, device_logits = sessions["device_tail"].run([hidden_r, mask])
         hidden_e, edge_logits = sessions["edge"].run([hidden_d, mask])
-        (final_logits,) = sessions[f"cloud_from_{e}"].run([hidden_e, mask])
+        (final_logits,) = sessions[cloud].run([hidden_e, mask])
         (full_logits,) = sessions["full"].run(tokens)
         for key, logits in zip((*EXITS, "full"), (device_logits, edge_logits, final_logits, full_logits), strict=True):
             preds[key][idx] = logits.argmax(1)
@@ -95,7 +94,7 @@ def _torch_accuracy(run: Path, encoded: list, labels: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("export-formats", __doc__)
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--run", help="the run the bundle came from: adds the torch reference")
     parser.add_argument("--data-dir", help="GLUE folder (default: the usual resolution)")
@@ -108,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
-    dev = load_glue(m["model"]["task"], "dev", args.data_dir)
-    tokenizer = load_tokenizer(bundle.path(m["tokenizer"]), m["model"]["max_length"])
+    dev = load_glue(m.model.task, "dev", args.data_dir)
+    tokenizer = load_tokenizer(bundle.path(m.tokenizer), m.model.max_length)
     encoded = encode(tokenizer, dev.texts, dev.text_pairs)
     labels = dev.labels
 
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run:
         results["torch"] = _torch_accuracy(Path(args.run), encoded, labels)
     for fmt in FORMATS:
-        if fmt not in m["formats"]:
+        if fmt not in m.formats:
             continue
         runner = _onnx_accuracy if fmt.startswith("onnx") else _tflite_accuracy
         results[fmt] = runner(bundle, fmt, encoded, labels, args.threads)
@@ -128,33 +127,34 @@ def main(argv: list[str] | None = None) -> int:
             r["router_argmax_agreement_with_onnx_fp32"] = float(np.mean(np.array(groups) == np.array(reference)))
 
     sizes: dict[str, dict[str, float]] = {}
-    for graph, spec in m["graphs"].items():
-        for fmt, entry in spec["files"].items():
-            files = entry.values() if isinstance(entry, dict) else [entry]
-            for rel in files:
-                key = f"{graph} ({Path(rel).stem.split('_s')[-1]})" if isinstance(entry, dict) else graph
-                sizes.setdefault(fmt, {})[key] = m["files"][rel]["size"] / 1e6
+    for graph, spec in m.graphs.items():
+        for fmt, rel in spec.files.items():
+            sizes.setdefault(fmt, {})[graph] = m.files[rel].size / 1e6
+        for fmt, by_bucket in spec.bucket_files.items():
+            for bucket, rel in by_bucket.items():
+                sizes.setdefault(fmt, {})[f"{graph} ({bucket})"] = m.files[rel].size / 1e6
 
-    command = "python -m cartosplit.benchmarks.export_formats " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = bench_command("export-formats", argv)
+    int8 = m.formats.get("onnx-int8")
     report = {
         "command": command,
         "machine": describe_machine(),
         "seconds": round(time.time() - started, 1),
         "bundle": args.bundle,
-        "task": m["model"]["task"],
-        "model": m["model"]["id"],
+        "task": m.model.task,
+        "model": m.model.id,
         "dev_samples": len(labels),
         "results": results,
         "sizes_mb": sizes,
-        "validation": m["validation"],
-        "int8_choice": {k: v for k, v in m["formats"].get("onnx-int8", {}).items() if k != "opset"},
+        "validation": m.validation.to_dict(),
+        "int8_choice": {k: v for k, v in int8.to_dict().items() if k != "opset"} if int8 else {},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
 
     lines = [
-        f"# Exported formats — {m['model']['task']}, {m['model']['id']}",
+        f"# Exported formats — {m.model.task}, {m.model.id}",
         "",
         f"Command: `{command}`  ",
         f"Machine: {report['machine']}  ",
@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         for graph, mb in graphs.items():
             lines.append(f"| {fmt} | {graph} | {mb:.2f} |")
     lines += ["", "## Parity at export (held-out calibration samples, vs torch)", ""]
-    for fmt, v in m["validation"]["formats"].items():
-        worst = max(v["max_abs_diff"].values())
-        agree = ", ".join(f"{k} {x:.4f}" for k, x in v["agreement"].items())
+    for fmt, v in m.validation.formats.items():
+        worst = max(v.max_abs_diff.values())
+        agree = ", ".join(f"{k} {x:.4f}" for k, x in v.agreement.items())
         lines.append(f"- {fmt}: max abs logit diff {worst:.2e}; agreement {agree}")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,6 +1,6 @@
 """Fuzz the cloud and edge tier servers with malformed requests, over unary and streaming RPCs.
 
-    python -m cartosplit.benchmarks.fuzz_server --bundle bundles/sst2-4k --messages 10000 \
+    cartosplit bench fuzz --bundle bundles/sst2-4k --messages 10000 \
         --out benchmarks/results/fuzz-server
 
 Starts a cloud and an edge server as subprocesses (the real CLI, as deployed), then sends at least
@@ -23,31 +23,25 @@ before any servicer code runs; those are counted apart and reported, not counted
 
 from __future__ import annotations
 
-import argparse
 import base64
 import concurrent.futures
-import contextlib
-import json
 import math
 import os
-import shlex
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-from cartosplit.benchmarks.machine import describe_machine
-from cartosplit.benchmarks.report import bounds_table, check, write_report
+from cartosplit.benchmarks.report import bench_command, bench_parser, bounds_table, check, publish
 from cartosplit.device_runtime.bundle import Bundle, load_bundle
-from cartosplit.export.demo import ServerProcess
 from cartosplit.protos import tiers_pb2 as pb
 from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
+from cartosplit.serving.process import RssMonitor, ServerProcess, memory_summary, start_servers, stop_servers
 
 SERVICES = {
     "cloud": pb.DESCRIPTOR.services_by_name["CloudTier"].full_name,
@@ -73,156 +67,9 @@ REFUSED = frozenset({INVALID})
 WELL_FORMED = frozenset({"valid", "odd_fields", "short_deadline"})
 
 
-# ------------------------------------------------------------------------------------------ server processes
-
-
-class WatchedServer(ServerProcess):
-    """A tier server subprocess that also keeps its error log events (ServerProcess keeps only a short tail)."""
-
-    def __init__(self, args: list[str], name: str, timeout_s: float = 120.0) -> None:
-        # set before the parent starts the stderr thread, which appends to them
-        self.error_lines: list[str] = []
-        self.error_count = 0
-        self.other_lines: list[str] = []
-        self.metrics_port: int | None = None  # from the "started" log event, when --metrics-port is given
-        super().__init__(args, name, timeout_s)
-
-    def _drain_stderr(self) -> None:
-        for raw in self.process.stderr:
-            line = raw.rstrip()
-            self.stderr_tail = [*self.stderr_tail[-20:], line]
-            if '"event": "started"' in line:
-                with contextlib.suppress(ValueError):
-                    self.metrics_port = json.loads(line).get("metrics_port")
-            if _is_error_event(line):
-                self.error_count += 1
-                if len(self.error_lines) < 20:
-                    self.error_lines.append(line[:8000])
-            elif not line.startswith("{") and len(self.other_lines) < 20:
-                self.other_lines.append(line[:2000])
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-
-def _is_error_event(line: str) -> bool:
-    """An error-level JSON log event, or a Python traceback printed outside the JSON logs."""
-    if line.startswith("{"):  # the JSON formatter's own spacing: no need to parse every request's line
-        return '"level": "error"' in line or '"level": "critical"' in line
-    return line.startswith("Traceback")
-
-
-def start_servers(
-    bundle: str | Path,
-    fmt: str = "onnx-fp32",
-    tiers: Sequence[str] = ("cloud", "edge"),
-    max_message_mb: float = 16.0,
-    extra_edge_args: Sequence[str] = (),
-    log_level: str = "info",
-    env: dict[str, str] | None = None,
-    extra_args: Sequence[str] = (),
-) -> dict[str, WatchedServer]:
-    """The cloud (always) and the edge (when asked) on free loopback ports, cloud first: the edge needs it.
-
-    ``env``: extra environment variables for the server processes only (e.g. glibc malloc tuning).
-    """
-    common = ["--bundle", str(bundle), "--port", "0", "--format", fmt]
-    common += ["--max-message-mb", str(max_message_mb), "--log-level", log_level, *extra_args]
-    servers: dict[str, WatchedServer] = {}
-    with _environment(env or {}):  # children inherit it; glibc reads MALLOC_* only at start, so we are unaffected
-        try:
-            servers["cloud"] = WatchedServer(["serve-cloud", *common], "cloud")
-            if "edge" in tiers:
-                edge_args = ["serve-edge", *common, "--cloud", servers["cloud"].address, *extra_edge_args]
-                servers["edge"] = WatchedServer(edge_args, "edge")
-        except Exception:
-            stop_servers(servers)
-            raise
-    return servers
-
-
-@contextlib.contextmanager
-def _environment(extra: dict[str, str]) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def stop_servers(servers: dict[str, WatchedServer]) -> None:
-    for server in reversed(list(servers.values())):  # the edge first: it forwards to the cloud
-        server.stop()
-
-
-# ---------------------------------------------------------------------------------------------------- memory
-
-
-def rss_mib(pid: int) -> float | None:
-    """Resident set size of a process in MiB (Linux /proc), None once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-class RssMonitor:
-    """Samples the RSS of named processes every ``interval_s`` in a thread: a timeline and each one's peak."""
-
-    def __init__(self, pids: dict[str, int], interval_s: float = 1.0) -> None:
-        self.pids, self.interval_s = pids, interval_s
-        self.started = time.monotonic()
-        self.timeline: list[dict[str, float | None]] = []
-        self.peak: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="rss-monitor", daemon=True)
-
-    def read(self) -> dict[str, float | None]:
-        values = {name: rss_mib(pid) for name, pid in self.pids.items()}
-        for name, value in values.items():
-            if value is not None:
-                self.peak[name] = max(self.peak.get(name, 0.0), value)
-        return values
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.timeline.append({"t_s": round(time.monotonic() - self.started, 2), **self.read()})
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> RssMonitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def memory_summary(start: float | None, after_warmup: float | None, end: float | None, peak: float | None) -> dict:
-    growth = None if end is None or after_warmup is None else round(end - after_warmup, 1)
-    return {
-        "start_mib": _round(start),
-        "after_warmup_mib": _round(after_warmup),
-        "end_mib": _round(end),
-        "peak_mib": _round(peak),
-        "growth_after_warmup_mib": growth,
-    }
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
+def server_args(max_message_mb: float) -> list[str]:
+    """The servers' options: the message limit the fuzzer probes around, and info logs (errors are watched)."""
+    return ["--max-message-mb", str(max_message_mb), "--log-level", "info"]
 
 
 # ------------------------------------------------------------------------------------------------- the target
@@ -244,17 +91,17 @@ class Target:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, max_message_bytes: int) -> Target:
-        model, split = bundle.manifest["model"], bundle.split_points
-        hidden_depths = sorted({split["edge"], *([split["router_depth"]] if split["router_depth"] > 0 else [])})
+        model, split = bundle.manifest.model, bundle.split_points
+        hidden_depths = sorted({split.edge, *([split.router_depth] if split.router_depth > 0 else [])})
         return cls(
             bundle_id=bundle.bundle_id,
-            hidden_size=int(model["hidden_size"]),
-            max_length=int(model["max_length"]),
+            hidden_size=model.hidden_size,
+            max_length=model.max_length,
             vocab_size=vocab_size(bundle),
-            num_labels=len(model["labels"]),
+            num_labels=len(model.labels),
             cloud_depths=tuple(hidden_depths),
-            edge_depth=int(split["device"]),
-            total=int(split["total"]),
+            edge_depth=split.device,
+            total=split.total,
             max_message_bytes=max_message_bytes,
         )
 
@@ -264,12 +111,12 @@ class Target:
 
 def vocab_size(bundle: Bundle) -> int:
     """From the manifest; bundles exported before it recorded one: from the tokenizer."""
-    size = bundle.manifest["model"].get("vocab_size")
+    size = bundle.manifest.model.vocab_size
     if size is not None:
-        return int(size)
+        return size
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(bundle.path(bundle.manifest["tokenizer"]))).get_vocab_size()
+    return Tokenizer.from_file(str(bundle.path(bundle.manifest.tokenizer))).get_vocab_size()
 
 
 # ---------------------------------------------------------------------------------------------- valid requests
@@ -858,13 +705,13 @@ def run_fuzz(
     target = Target.from_bundle(loaded, max_bytes)
     warmup = max(1, messages // 10) if warmup_messages is None else warmup_messages
     log(f"starting {', '.join(tiers)} server(s) for {bundle} ({fmt})")
-    servers = start_servers(bundle, fmt, tiers, max_message_mb, env=server_env)
+    servers = start_servers(bundle, fmt, tiers, server_args(max_message_mb), env=server_env)
     try:
         plan = Plan(messages, tuple(tiers), seed, workers, warmup, rss_bound_mib, tuple(categories or WEIGHTS))
         return _fuzz(servers, target, plan, log) | {
             "bundle": str(bundle),
             "bundle_id": loaded.bundle_id[:12],
-            "model": loaded.manifest["model"]["id"],
+            "model": loaded.manifest.model.id,
             "server_format": fmt,
             "max_message_bytes": max_bytes,
             "server_env": server_env or {},
@@ -899,7 +746,7 @@ class Plan:
         return int(task.case.category not in WELL_FORMED) if self.counts_malformed else task.messages
 
 
-def _fuzz(servers: dict[str, WatchedServer], t: Target, plan: Plan, log: Callable[[str], None]) -> dict:
+def _fuzz(servers: dict[str, ServerProcess], t: Target, plan: Plan, log: Callable[[str], None]) -> dict:
     client = Client({name: s.address for name, s in servers.items()}, t.max_message_bytes)
     outcomes: list[Outcome] = []
     monitor = RssMonitor({name: s.pid for name, s in servers.items()}, interval_s=0.25)
@@ -939,7 +786,7 @@ def _after_warmup(snapshots: list[dict], name: str, warmup: int) -> float | None
 
 
 def _report(
-    servers: dict[str, WatchedServer],
+    servers: dict[str, ServerProcess],
     outcomes: list[Outcome],
     snapshots: list[dict],
     peak: dict[str, float],
@@ -1120,7 +967,7 @@ def replay(
 ) -> list[Outcome]:
     """Send again the messages of a run (same seed, tiers and kinds) by index, to fresh servers: a reproducer."""
     target = Target.from_bundle(load_bundle(bundle), int(max_message_mb * MIB))
-    servers = start_servers(bundle, fmt, tiers, max_message_mb)
+    servers = start_servers(bundle, fmt, tiers, server_args(max_message_mb))
     outcomes = []
     try:
         client = Client({name: s.address for name, s in servers.items()}, target.max_message_bytes)
@@ -1139,7 +986,7 @@ def replay(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("fuzz", __doc__)
     parser.add_argument("--bundle", required=True)
     parser.add_argument(
         "--messages", type=int, default=10_000, help="at least this many malformed messages (default 10000)"
@@ -1192,9 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
         args.only,
         dict(item.split("=", 1) for item in args.server_env),
     )
-    command = "python -m cartosplit.benchmarks.fuzz_server " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    write_report(report, args.out, command, markdown)
-    print("\n".join(markdown({"command": command, "machine": describe_machine(), **report})))
+    publish(report, args.out, bench_command("fuzz", argv), markdown)
     return 0 if report["passed"] else 1
 
 

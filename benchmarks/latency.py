@@ -39,12 +39,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cartosplit.benchmarks.report import bench_command, bench_parser, publish, pyplot
 from cartosplit.benchmarks.timing import DeviceSlice, available_cores, pinned, summarize_ms, time_calls
+from cartosplit.device_runtime.manifest import FULL, cloud_graph_depth
 
 DEVICE_RUNTIMES = ("torch-fp32", "onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8")
 SERVER_FORMATS = ("onnx-fp32", "onnx-int8")
@@ -99,9 +101,9 @@ def graph_layers(graph: str, split: dict) -> tuple[int, tuple[str, ...]]:
         return e - d, ("exit",)
     if graph == "full":
         return total, ("exit",)
-    match = re.fullmatch(r"cloud_from_(\d+)", graph)
-    if match:
-        return total - int(match.group(1)), ("exit",)
+    depth = cloud_graph_depth(graph)
+    if depth is not None:
+        return total - depth, ("exit",)
     raise ValueError(f"unknown graph {graph!r}")
 
 
@@ -509,8 +511,8 @@ def _time_threads(ctx: Context, bundle, threads: int, cloud_graphs: list[str], t
     """Every configuration at one thread count (the caller has pinned the process): rows and the sgemm peak."""
     from cartosplit.device_runtime.onnx_backend import OnnxSession
 
-    formats = bundle.manifest["formats"]
-    vocab = int(bundle.manifest["model"].get("vocab_size") or 1000)
+    formats = bundle.manifest.formats
+    vocab = int(bundle.manifest.model.vocab_size or 1000)
     if torch_device is not None:
         torch_device.torch.set_num_threads(threads)
     peak = sgemm_peak(threads, ctx.settings.gemm_n, ctx.settings.gemm_repeats, seed)
@@ -547,7 +549,7 @@ def _time_threads(ctx: Context, bundle, threads: int, cloud_graphs: list[str], t
                 elif graph == "full":
                     inputs = [tokens["input_ids"], mask, tokens["token_type_ids"]]
                 else:
-                    inputs = [start_of[int(graph.rsplit("_", 1)[1])], mask]
+                    inputs = [start_of[cloud_graph_depth(graph)], mask]
                 rows.append(_time_server(ctx, graph, fmt, session, inputs, common, peak))
             print(f"threads {threads}, batch {batch}, length {length}: timed", file=sys.stderr)
     return rows, peak
@@ -558,18 +560,18 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
-    split = m["split_points"]
-    hidden = m["model"]["hidden_size"]
+    split = asdict(m.split_points)  # the report's and graph_layers' plain form
+    hidden = m.model.hidden_size
     settings = Settings(
         args.batches, args.lengths, args.runs, args.min_seconds, args.warmup, args.gemm_n, args.gemm_repeats
     )
-    too_long = [n for n in settings.lengths if n > m["model"]["max_length"]]
+    too_long = [n for n in settings.lengths if n > m.model.max_length]
     if too_long:
-        raise ValueError(f"lengths {too_long} exceed the bundle's max length {m['model']['max_length']}")
-    if "onnx-fp32" not in m["formats"]:
+        raise ValueError(f"lengths {too_long} exceed the bundle's max length {m.model.max_length}")
+    if "onnx-fp32" not in m.formats:
         raise ValueError(f"{args.bundle} has no onnx-fp32 graphs: they feed the edge and cloud slices")
     width, width_note = intermediate_size(bundle.graph_file("edge", "onnx-fp32"), hidden)
-    cloud_graphs = [g for g in m["graphs"] if g.startswith("cloud_from_")] + (["full"] if "full" in m["graphs"] else [])
+    cloud_graphs = [g for g in m.graphs if cloud_graph_depth(g) is not None] + ([FULL] if FULL in m.graphs else [])
 
     skipped: list[dict] = []
     torch_device = None
@@ -581,9 +583,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         except ImportError as exc:
             skipped.append({"what": "torch-fp32 device slice", "reason": f"torch/export not importable: {exc}"})
     for fmt in DEVICE_RUNTIMES[1:]:
-        if fmt not in m["formats"]:
+        if fmt not in m.formats:
             skipped.append({"what": f"{fmt} device slice", "reason": f"the bundle has no {fmt} graphs"})
-    if "onnx-int8" not in m["formats"]:
+    if "onnx-int8" not in m.formats:
         skipped.append({"what": "onnx-int8 edge/cloud slices", "reason": "the bundle has no onnx-int8 graphs"})
 
     meter, energy_note, profiles = None, "not requested (--energy)", {}
@@ -598,7 +600,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 "No readable meter (no RAPL powercap energy_uj, no INA2xx hwmon power input): every energy "
                 f"figure is ESTIMATED as measured time x the watts of a profile in {args.power_profiles}."
             )
-    ctx = Context(split, hidden, width, len(m["model"]["labels"]), settings, meter, profiles, args.energy)
+    ctx = Context(split, hidden, width, len(m.model.labels), settings, meter, profiles, args.energy)
 
     cores = available_cores()
     rows: list[dict] = []
@@ -626,7 +628,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return {
         "bundle": args.bundle,
         "run": args.run,
-        "model": m["model"]["id"],
+        "model": m.model.id,
         "split_points": split,
         "hidden_size": hidden,
         "intermediate_size": width,
@@ -794,10 +796,7 @@ def markdown(r: dict) -> list[str]:
 
 
 def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     device = [row for row in r["rows"] if row["tier"] == "device"]
     threads, batches = r["settings"]["threads"], r["settings"]["batches"]
@@ -842,9 +841,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cartosplit bench latency", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser("latency", __doc__)
     parser.add_argument("--bundle", required=True, help="bundle folder (all formats for every device row)")
     parser.add_argument("--run", help="the run the bundle came from: adds torch eager fp32 (skipped without it)")
     parser.add_argument("--threads", type=_int_list, default=[1, 2], help="thread counts, each pinned (default 1,2)")
@@ -864,22 +861,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cartosplit.benchmarks.report import bench_command, write_report
-
     args = build_parser().parse_args(argv)
     if args.runs < 1 or args.min_seconds < 0 or args.warmup < 0:
         raise SystemExit("--runs must be >= 1, --min-seconds and --warmup >= 0")
     started = time.time()
     report = run_benchmark(args)
     report["seconds"] = round(time.time() - started, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
-    plot(report, png)
-    report["plot"] = str(png)
-    command = bench_command("latency", argv)
-    write_report(report, out, command, markdown)
-    print(out.with_suffix(".md").read_text())
+    publish(report, args.out, bench_command("latency", argv), markdown, plot)
     return 0
 
 

@@ -1,8 +1,8 @@
 """Bounded load test on loopback: many simulated devices against one edge and one cloud server.
 
-    python -m cartosplit.benchmarks.load --bundle bundles/sst2-4k --clients 32 --seconds 60 \
+    cartosplit bench load --bundle bundles/sst2-4k --clients 32 --seconds 60 \
         --out benchmarks/results/load
-    python -m cartosplit.benchmarks.load --bundle bundles/sst2-4k --clients 32 --seconds 60 --force-offload \
+    cartosplit bench load --bundle bundles/sst2-4k --clients 32 --seconds 60 --force-offload \
         --out benchmarks/results/load-offload
 
 Starts a cloud and an edge server as subprocesses (the real CLI), then runs ``--clients`` threads, each
@@ -22,10 +22,8 @@ are counted and reported, not bounded: the fallback is the designed behaviour un
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import shlex
 import sys
 import threading
 import time
@@ -37,12 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cartosplit.benchmarks.fuzz_server import RssMonitor, WatchedServer, memory_summary, start_servers, stop_servers
-from cartosplit.benchmarks.machine import describe_machine
-from cartosplit.benchmarks.report import bounds_table, check, write_report
+from cartosplit.benchmarks.report import bench_command, bench_parser, bounds_table, check, publish
 from cartosplit.device_runtime.bundle import Bundle, load_bundle
 from cartosplit.device_runtime.policy import Policy
 from cartosplit.device_runtime.runtime import DeviceRuntime
+from cartosplit.serving.process import RssMonitor, ServerProcess, memory_summary, start_servers, stop_servers
 
 # SST-2-like sentences for when the GLUE files are not around (a CI machine, a fresh checkout).
 BUILTIN_SENTENCES = (
@@ -81,7 +78,7 @@ def load_texts(bundle: Bundle, data_dir: str | None = None) -> tuple[list[str], 
     """The dev sentences of the bundle's GLUE task, or the built-in list; and where they came from."""
     from cartosplit.export.data import load_glue
 
-    task = bundle.manifest["model"].get("task", "sst2")
+    task = bundle.manifest.model.task  # None (a data-file model): load_glue refuses, built-in sentences
     try:
         data = load_glue(task, "dev", data_dir)
     except Exception as exc:  # no local GLUE copy and no way to download one: not a reason to stop
@@ -233,9 +230,7 @@ def run_load(
         source = f"given ({len(texts)} inputs)"
     log(f"inputs: {source}")
     edge_args = ["--alpha-edge", "inf"] if force_offload else []
-    servers = start_servers(
-        bundle, plan.server_format, ("cloud", "edge"), extra_edge_args=edge_args, extra_args=["--metrics-port", "0"]
-    )
+    servers = start_servers(bundle, plan.server_format, args=["--metrics-port", "0"], edge_args=edge_args)
     try:
         report = _load(servers, loaded, plan, list(texts), list(text_pairs) if text_pairs else None, log)
     finally:
@@ -243,7 +238,7 @@ def run_load(
     return report | {
         "bundle": str(bundle),
         "bundle_id": loaded.bundle_id[:12],
-        "model": loaded.manifest["model"]["id"],
+        "model": loaded.manifest.model.id,
         "policy": "forced offload (every input to the cloud via the edge)" if force_offload else "bundle's calibrated",
         "inputs": source,
         "load_average": {"before": load_before, "end": os.getloadavg()},
@@ -251,7 +246,7 @@ def run_load(
 
 
 def _load(
-    servers: dict[str, WatchedServer],
+    servers: dict[str, ServerProcess],
     bundle: Bundle,
     plan: LoadPlan,
     texts: list[str],
@@ -263,7 +258,7 @@ def _load(
     runtimes = make_runtimes(
         bundle, plan.clients, addresses, plan.device_format, plan.device_threads, plan.timeout_s, plan.force_offload
     )
-    labels = bundle.manifest["model"]["labels"]
+    labels = bundle.manifest.model.labels
     cap = max(1, math.ceil(plan.max_answers / plan.clients))
     start, stop_at, results = threading.Event(), [math.inf], [None] * plan.clients
 
@@ -303,7 +298,7 @@ def _wait_and_log(
                 next_log += 10.0
 
 
-def _final_checks(servers: dict[str, WatchedServer], runtime: DeviceRuntime, text: str) -> dict:
+def _final_checks(servers: dict[str, ServerProcess], runtime: DeviceRuntime, text: str) -> dict:
     """Both servers alive, the edge answering a device request, the cloud a direct one (all-cloud mode)."""
     final = {name: {"alive": s.alive()} for name, s in servers.items()}
     saved = runtime.policy
@@ -341,7 +336,7 @@ def _rss_at(timeline: list[dict], name: str, t_s: float) -> float | None:
 
 def _report(
     results: list[ClientLog | None],
-    servers: dict[str, WatchedServer],
+    servers: dict[str, ServerProcess],
     monitor: RssMonitor,
     final: dict,
     metrics: dict,
@@ -488,7 +483,7 @@ def markdown(r: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("load", __doc__)
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60.0)
@@ -521,9 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         rss_bound_mib=args.rss_bound_mib,
         seed=args.seed,
     )
-    command = "python -m cartosplit.benchmarks.load " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    write_report(report, args.out, command, markdown)
-    print("\n".join(markdown({"command": command, "machine": describe_machine(), **report})))
+    publish(report, args.out, bench_command("load", argv), markdown)
     return 0 if report["passed"] else 1
 
 

@@ -46,6 +46,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from cartosplit.serving.process import ServerProcess
+
 ROLES = ("device", "edge", "cloud")
 # canonical link names: the first role is the client side (where the delaying proxy runs in netns mode)
 LINK_NAMES = ("device-edge", "edge-cloud", "device-cloud")
@@ -612,7 +614,7 @@ class NetnsNetwork(Network):
         self.links = links
         self.plan = plan_topology(prefix or f"cs-{secrets.token_hex(3)}", links)
         self.log = log
-        self.proxies: list[tuple[str, object]] = []  # (link name, ServerProcess)
+        self.proxies: list[tuple[str, ServerProcess]] = []  # (link name, its proxy)
         self._closed = False
         existing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
         clash = sorted(set(existing) & set(self.plan.namespaces.values()))
@@ -642,8 +644,6 @@ class NetnsNetwork(Network):
         return self.plan.links[link].end(role).address
 
     def open_link(self, client: str, server: str, port: int) -> str:
-        from cartosplit.export.demo import ServerProcess
-
         name = canonical_link(f"{client}-{server}")
         spec = self.plan.links[name].spec
         target = f"{self.server_address(name, server)}:{port}"
@@ -726,8 +726,6 @@ def check_links(
     network: Network, log: Callable[[str], None] = print, probe_s: float = 0.4, pings: int = 10
 ) -> dict[str, dict]:
     """Measure each link as its client sees it: ping RTT and bulk goodput through the emulation."""
-    from cartosplit.export.demo import ServerProcess
-
     results = {}
     for name in LINK_NAMES:
         spec = network.links[name]

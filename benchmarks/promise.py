@@ -25,6 +25,7 @@ import numpy as np
 from scipy import stats
 
 from cartosplit.benchmarks.baselines import exit_scores, search_shared_threshold, shared_threshold_tiers
+from cartosplit.benchmarks.report import pyplot
 from cartosplit.device_runtime.metrics import confusion_counts, metric_from_counts
 from cartosplit.device_runtime.policy import ExitSignals, Objective, answers, route, search_policy
 from cartosplit.export.risk_control import (
@@ -395,10 +396,7 @@ def headline_markdown(head: dict) -> list[str]:
 def plot_promise(name: str, task: dict, out) -> None:
     """Mean cut vs mean drop under cross-fit, per guarantee, for cartosplit and the cascade, across ε,
     with 95 % intervals on both."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     styles = {"ltt": "o-", "crc": "s--", "none": "x:"}

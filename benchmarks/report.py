@@ -1,7 +1,9 @@
-"""Pieces shared by the benchmarks' reports: a bound that was checked, and the table of them."""
+"""Pieces shared by the benchmarks: their parser, the command a result records, a bound that was checked and
+the table of them, the plot backend, and writing (and printing) the result files."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -12,6 +14,13 @@ from pathlib import Path
 def bench_command(name: str, argv: list[str] | None) -> str:
     """The command line a result records: ``cartosplit bench NAME`` and the arguments it was given."""
     return shlex.join(["cartosplit", "bench", name, *(sys.argv[1:] if argv is None else argv)])
+
+
+def bench_parser(name: str, description: str | None) -> argparse.ArgumentParser:
+    """The parser of ``cartosplit bench NAME``: its usage line names the command as :func:`bench_command` does."""
+    return argparse.ArgumentParser(
+        prog=f"cartosplit bench {name}", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def check(name: str, value: object, bound: str, held: bool) -> dict:
@@ -27,8 +36,19 @@ def bounds_table(checks: list[dict], show: Callable[[object], object] = lambda v
     return lines
 
 
-def write_report(report: dict, out: str | Path, command: str, markdown: Callable[[dict], list[str]]) -> None:
-    """``<out>.json`` (the report with its command and machine) and ``<out>.md`` rendered by ``markdown``."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: the benchmarks plot headless (over ssh, in CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_report(report: dict, out: str | Path, command: str, markdown: Callable[[dict], list[str]]) -> dict:
+    """``<out>.json`` (the report with its command and machine) and ``<out>.md`` rendered by ``markdown``;
+    the report as written."""
     from cartosplit.benchmarks.machine import describe_machine
 
     out = Path(out)
@@ -36,3 +56,23 @@ def write_report(report: dict, out: str | Path, command: str, markdown: Callable
     report = {"command": command, "machine": describe_machine(), **report}
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     out.with_suffix(".md").write_text("\n".join(markdown(report)) + "\n")
+    return report
+
+
+def publish(
+    report: dict,
+    out: str | Path,
+    command: str,
+    markdown: Callable[[dict], list[str]],
+    plot: Callable[[dict, Path], None] | None = None,
+) -> dict:
+    """:func:`write_report`, then the Markdown on stdout; with ``plot``, ``<out>.png`` first (its path recorded
+    as ``report["plot"]``, which the Markdown links)."""
+    if plot is not None:
+        png = Path(out).with_suffix(".png")
+        png.parent.mkdir(parents=True, exist_ok=True)
+        plot(report, png)
+        report["plot"] = str(png)
+    written = write_report(report, out, command, markdown)
+    print("\n".join(markdown(written)))
+    return written

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cartosplit.benchmarks.report import bench_command
+from cartosplit.benchmarks.report import bench_command, bench_parser, pyplot
 from cartosplit.device_runtime.costs import CostProfile
 from cartosplit.device_runtime.policy import ExitSignals, answers, route
 
@@ -314,10 +314,7 @@ def headline(task_result: dict, guarantee: dict) -> dict:
 
 
 def plot_regimes(results: dict, profiles: dict[str, CostProfile], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from cartosplit.device_runtime.costs import SplitPoints
 
@@ -411,7 +408,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("router", __doc__)
     parser.add_argument("--task", action="append", choices=("sst2", "mrpc", "rte", "cola"), required=True)
     parser.add_argument("--runs-dir", default="runs/bench", help="trained runs from `bench tradeoff`")
     parser.add_argument(
@@ -465,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         details[task] = evaluate_task(task, run, args, profiles)
         partial.write_text(json.dumps(details) + "\n")
     report = {
-        "command": bench_command("router", argv if argv is not None else sys.argv[1:]),
+        "command": bench_command("router", argv),
         "machine": describe_machine(),
         "seconds": round(time.time() - started, 1),
         "guarantee": g,

@@ -1,6 +1,6 @@
 """What each router kind costs on the device: bytes, graph file sizes, batch-1 latency.
 
-    python -m cartosplit.benchmarks.router_size --run runs/bench/sst2 --out benchmarks/results/router-size
+    cartosplit bench router-size --run runs/bench/sst2 --out benchmarks/results/router-size
 
 Each variant is fitted (``cartosplit.export.router.fit_router``) on the run's cached training-subset features at
 ``--depth`` and its cartography groups, as calibration fits it; free-feature routers also get the task
@@ -17,11 +17,9 @@ Writes <out>.json and <out>.md with the command, the machine and the time. The r
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -35,7 +33,9 @@ import torch
 from torch import nn
 
 from cartosplit.benchmarks.machine import describe_machine
+from cartosplit.benchmarks.report import bench_command, bench_parser
 from cartosplit.benchmarks.timing import time_calls
+from cartosplit.device_runtime.numerics import softmax
 from cartosplit.export.onnx_export import DEFAULT_OPSET, quantize_int8
 from cartosplit.export.router import Router, RouterConfig, fit_router
 
@@ -115,15 +115,10 @@ def _onnx_run_all(session, names, arrays, batch: int = 1024) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
 def _agreement(reference: np.ndarray, got: np.ndarray) -> dict:
     return {
         "argmax_agreement": float((reference.argmax(1) == got.argmax(1)).mean()),
-        "max_abs_prob_diff": float(np.abs(_softmax(reference) - _softmax(got)).max()),
+        "max_abs_prob_diff": float(np.abs(softmax(reference) - softmax(got)).max()),
     }
 
 
@@ -282,7 +277,7 @@ def _markdown(header: dict, rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("router-size", __doc__)
     parser.add_argument("--run", required=True)
     parser.add_argument("--out", required=True, help="path prefix for .json and .md")
     parser.add_argument("--depth", type=int, default=1, help="router depth (default: %(default)s)")
@@ -328,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    command = "python -m cartosplit.benchmarks.router_size " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = bench_command("router-size", argv)
     header = {
         "command": command,
         "machine": describe_machine(),

@@ -35,8 +35,8 @@ class DeviceSlice:
     """``device_head`` then ``device_tail`` of a bundle, in one format (onnx-* or tflite-*)."""
 
     def __init__(self, bundle: Bundle, fmt: str, threads: int | None = None) -> None:
-        if fmt not in bundle.manifest["formats"]:
-            raise ValueError(f"bundle has no {fmt} graphs (formats: {sorted(bundle.manifest['formats'])})")
+        if fmt not in bundle.manifest.formats:
+            raise ValueError(f"bundle has no {fmt} graphs (formats: {sorted(bundle.manifest.formats)})")
         self.fmt = fmt
         if fmt.startswith("onnx"):
             from cartosplit.device_runtime.onnx_backend import OnnxSession
@@ -47,7 +47,7 @@ class DeviceSlice:
         else:
             from cartosplit.device_runtime.litert_backend import LiteRTSession
 
-            self.buckets = sorted(int(b) for b in bundle.manifest["formats"][fmt]["buckets"])
+            self.buckets = sorted(bundle.manifest.formats[fmt].buckets)
             self.sessions = {
                 (name, b): LiteRTSession(bundle.graph_file(name, fmt, b), threads)
                 for name in ("device_head", "device_tail")
@@ -65,7 +65,7 @@ class DeviceSlice:
             return DeviceOutputs(
                 router_logits, hidden_r, hidden_d, logits, middle - began, time.perf_counter() - middle
             )
-        from cartosplit.device_runtime.litert_backend import bucket_for, pad_to
+        from cartosplit.device_runtime.buckets import bucket_for, pad_to
 
         width = ids.shape[1]
         bucket = bucket_for(width, self.buckets)

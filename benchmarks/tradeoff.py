@@ -54,8 +54,8 @@ from cartosplit.benchmarks.promise import (
     promise_markdown,
     run_protocols,
 )
-from cartosplit.benchmarks.report import bench_command, write_report
-from cartosplit.device_runtime.cli import comma_list
+from cartosplit.benchmarks.report import bench_command, bench_parser, pyplot, write_report
+from cartosplit.cli_args import comma_list
 from cartosplit.device_runtime.costs import TIER_CLOUD_DIRECT, TIER_DEVICE, TIER_EDGE, TIER_NAMES, CostProfile
 from cartosplit.device_runtime.metrics import metric_from_counts, set_metric
 from cartosplit.device_runtime.policy import (
@@ -463,10 +463,7 @@ def markdown(report: dict) -> list[str]:
 
 
 def plot_frontier(name: str, task: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metric = task["metric"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -519,9 +516,7 @@ def merge_report(results: Path, task_name: str, task: dict, command: str, model:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cartosplit bench tradeoff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser("tradeoff", __doc__)
     parser.add_argument("--task", required=True, choices=(*TASKS, "all"), help="GLUE task, or all four in turn")
     parser.add_argument("--run", help="run folder (default: runs/bench/<task>); trained here if not finished")
     parser.add_argument("--data-dir", help="GLUE folder (default: the usual resolution)")

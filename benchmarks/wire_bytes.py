@@ -31,9 +31,13 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+
+from cartosplit.benchmarks.report import bench_command, bench_parser, publish, pyplot
+from cartosplit.device_runtime.manifest import Manifest, cloud_graph
 
 HOPS = ("device_to_edge", "edge_to_cloud", "device_to_cloud")
 HOP_NAMES = {
@@ -135,11 +139,11 @@ class Chain:
         from cartosplit.device_runtime.onnx_backend import OnnxSession
 
         sp = bundle.split_points
-        self.r, self.d, self.e = sp["router_depth"], sp["device"], sp["edge"]
+        self.r, self.d, self.e = sp.router_depth, sp.device, sp.edge
         self.device = DeviceSlice(bundle, "onnx-fp32", threads)
         self.edge = OnnxSession(bundle.graph_file("edge", "onnx-fp32"), threads)
-        self.cloud_e = OnnxSession(bundle.graph_file(f"cloud_from_{self.e}", "onnx-fp32"), threads)
-        self.cloud_r = OnnxSession(bundle.graph_file(f"cloud_from_{self.r}", "onnx-fp32"), threads) if self.r else None
+        self.cloud_e = OnnxSession(bundle.graph_file(cloud_graph(self.e), "onnx-fp32"), threads)
+        self.cloud_r = OnnxSession(bundle.graph_file(cloud_graph(self.r), "onnx-fp32"), threads) if self.r else None
 
     def run(self, tokens: dict[str, np.ndarray], transform=None) -> dict[str, np.ndarray]:
         """Logits at each receiving exit, hidden states at r, d, e; ``transform(hidden [B,S,H], mask)`` stands
@@ -170,7 +174,7 @@ def _codec_wire(encoding: int):
 
 
 def _pad_tokens(tokens: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
-    from cartosplit.device_runtime.litert_backend import pad_to
+    from cartosplit.device_runtime.buckets import pad_to
 
     return {k: pad_to(v, width) for k, v in tokens.items()}
 
@@ -180,8 +184,7 @@ def measure(bundle, encoded: list, texts: list[str], labels: np.ndarray, threads
     from cartosplit.device_runtime.text import pad_batch
     from cartosplit.protos import tiers_pb2 as pb
 
-    m = bundle.manifest
-    max_length = m["model"]["max_length"]
+    max_length = bundle.manifest.model.max_length
     chain = Chain(bundle, threads)
     codes = {"fp32": pb.FP32, "fp16": pb.FP16, "int8": pb.INT8}
     encodings = [e for e in ENCODINGS if e != "fp32-padded-bucket" or buckets]
@@ -315,10 +318,7 @@ def markdown(r: dict) -> list[str]:
 
 
 def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     hops, encodings = r["hops"], r["encodings"]
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -341,9 +341,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cartosplit bench bytes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser("bytes", __doc__)
     parser.add_argument("--bundle", required=True, help="bundle folder (needs onnx-fp32 graphs)")
     parser.add_argument("--data-dir", help="GLUE folder (default: the usual resolution, see cartosplit.export.data)")
     parser.add_argument("--data-file", help="your own labelled CSV / JSON Lines instead of the task's GLUE dev set")
@@ -353,14 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_data(args: argparse.Namespace, manifest: dict):
+def _load_data(args: argparse.Namespace, manifest: Manifest):
     """The labelled samples and a description, or (None, reason) when there is no data to use."""
     from cartosplit.export.data import DataError, load_file, load_glue
 
-    labels = manifest["model"]["labels"]
+    labels = manifest.model.labels
     if args.data_file:
         return load_file(args.data_file, label_names=labels), f"`{args.data_file}`"
-    task = manifest["model"].get("task")
+    task = manifest.model.task
     if not task:
         return None, "the bundle names no GLUE task: pass --data-file with labelled texts"
     try:
@@ -370,7 +368,6 @@ def _load_data(args: argparse.Namespace, manifest: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cartosplit.benchmarks.report import bench_command, write_report
     from cartosplit.device_runtime.bundle import load_bundle
     from cartosplit.device_runtime.text import encode, load_tokenizer
 
@@ -380,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
-    if "onnx-fp32" not in m["formats"]:
+    if "onnx-fp32" not in m.formats:
         raise SystemExit(f"{args.bundle} has no onnx-fp32 graphs, which this benchmark runs")
     data, what = _load_data(args, m)
     if data is None:
@@ -388,36 +385,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.limit is not None:
         data = data.subset(range(min(args.limit, len(data))))
-    tokenizer = load_tokenizer(bundle.path(m["tokenizer"]), m["model"]["max_length"])
+    tokenizer = load_tokenizer(bundle.path(m.tokenizer), m.model.max_length)
     encoded = encode(tokenizer, data.texts, data.text_pairs)
     texts = data.texts if data.text_pairs is None else [a + b for a, b in zip(data.texts, data.text_pairs, strict=True)]
-    tflite = [f for f in ("tflite-fp32", "tflite-int8") if f in m["formats"]]
-    buckets = sorted(m["formats"][tflite[0]]["buckets"]) if tflite else []
+    tflite = [f for f in ("tflite-fp32", "tflite-int8") if f in m.formats]
+    buckets = sorted(m.formats[tflite[0]].buckets) if tflite else []
     report = measure(bundle, encoded, texts, np.asarray(data.labels), args.threads, buckets)
     skipped = []
     if not buckets:
         skipped.append({"what": "fp32-padded-bucket", "reason": "the bundle has no TFLite buckets"})
-    if m["split_points"]["router_depth"] == 0:
+    if m.split_points.router_depth == 0:
         skipped.append({"what": "device → cloud (r)", "reason": "r = 0: a hard sample goes as tokens"})
     report = {
         "bundle": args.bundle,
-        "model": m["model"]["id"],
+        "model": m.model.id,
         "data": what,
-        "split_points": m["split_points"],
-        "hidden_size": m["model"]["hidden_size"],
+        "split_points": asdict(m.split_points),
+        "hidden_size": m.model.hidden_size,
         "buckets": buckets,
-        "max_length": m["model"]["max_length"],
+        "max_length": m.model.max_length,
         **report,
         "skipped": skipped,
         "seconds": round(time.time() - started, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot(report, out.with_suffix(".png"))
-    report["plot"] = str(out.with_suffix(".png"))
-    command = bench_command("bytes", argv)
-    write_report(report, out, command, markdown)
-    print(out.with_suffix(".md").read_text())
+    publish(report, args.out, bench_command("bytes", argv), markdown, plot)
     return 0
 
 

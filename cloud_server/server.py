@@ -11,24 +11,17 @@ import sys
 
 import grpc
 
-from cartosplit.cloud_server.tier import (
-    RequestError,
-    ServerConfig,
-    TierMetrics,
-    TierServer,
-    TierServicer,
-    add_common_arguments,
-    check_envelope,
-    config_from_args,
-    configure_logging,
-    decode_hidden,
-    decode_tokens,
-    reply_from_logits,
-    run_until_signal,
-)
 from cartosplit.device_runtime.bundle import Bundle, BundleError, load_bundle
 from cartosplit.protos import tiers_pb2 as pb
 from cartosplit.protos import tiers_pb2_grpc as pb_grpc
+from cartosplit.serving.checks import RequestError, check_envelope, decode_hidden, decode_tokens
+from cartosplit.serving.config import ServerConfig
+from cartosplit.serving.flags import add_common_arguments, config_from_args
+from cartosplit.serving.graphs import cloud_graphs, tier_graphs
+from cartosplit.serving.lifecycle import TierServer, run_until_signal
+from cartosplit.serving.logs import configure_logging
+from cartosplit.serving.metrics import TierMetrics
+from cartosplit.serving.servicer import TierServicer, reply_from_logits
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CloudTier"].full_name
 DEFAULT_PORT = 50052
@@ -42,8 +35,7 @@ class CloudServicer(TierServicer, pb_grpc.CloudTierServicer):
         super().__init__(bundle, config, metrics or TierMetrics(self.tier_name))
         self.graph_for_depth = cloud_graphs(bundle)
         try:
-            kinds = {graph: "tokens" if depth == 0 else "hidden" for depth, graph in self.graph_for_depth.items()}
-            self.add_graphs(kinds)
+            self.add_graphs(tier_graphs(bundle, self.tier_name))
         except Exception:
             self.close()  # no batcher threads left behind by a half-built servicer
             raise
@@ -62,20 +54,7 @@ class CloudServicer(TierServicer, pb_grpc.CloudTierServicer):
             arrays = (decode_hidden(request.hidden, self.hidden_size, self.max_length),)
         result = self.run_graph(self.graph_for_depth[request.depth], arrays, context)
         (logits,) = result.outputs
-        return reply_from_logits(request, logits, pb.CLOUD, self.split["total"], self.timing(result))
-
-
-def cloud_graphs(bundle: Bundle) -> dict[int, str]:
-    """Depth -> graph: {e, r if r > 0} take hidden states, 0 takes tokens."""
-    split = bundle.split_points
-    graphs = {0: "full"}
-    for depth in (split["edge"], split["router_depth"]):
-        if depth > 0:
-            graphs[depth] = f"cloud_from_{depth}"
-    missing = [g for g in graphs.values() if g not in bundle.manifest["graphs"]]
-    if missing:
-        raise BundleError(f"{bundle.folder}: the cloud needs graphs {missing}, which the bundle lacks")
-    return graphs
+        return reply_from_logits(request, logits, pb.CLOUD, self.split.total, self.timing(result))
 
 
 def build_cloud_server(config: ServerConfig, bundle: Bundle | None = None) -> TierServer:
@@ -100,13 +79,3 @@ def serve(args: argparse.Namespace) -> int:
         print(f"cartosplit serve-cloud: {exc}", file=sys.stderr)
         return 2
     return run_until_signal(server, f"cloud serving {config.bundle} on {server.address}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cartosplit-cloud", description="Serve the cloud tier of a bundle.")
-    add_arguments(parser)
-    return serve(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

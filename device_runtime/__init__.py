@@ -1,4 +1,4 @@
-"""Torch-free side of cartosplit: cost profile, routing policy, CLI entry point (and, later, the runtime).
+"""Torch-free side of cartosplit: the device runtime, cost profile, routing policy and the device commands.
 
 Everything here imports with numpy alone, so a phone or a Pi-class board can install it without torch.
 """

@@ -1,9 +1,9 @@
 """Run a fixed-shape TFLite slice (from ``cartosplit.export.tflite``) with LiteRT: numpy only, no torch.
 
 TFLite slices have FIXED shapes (litert-torch cannot lower a dynamic sequence length), so one file
-exists per sequence-length bucket: pick the bucket with :func:`bucket_for`, pad every input to it with
-:func:`pad_to` (a zero attention mask hides the padding, so logits do not change) and cut the hidden
-state back if needed.
+exists per sequence-length bucket: pick the bucket with ``bucket_for``, pad every input to it with ``pad_to``
+(both in ``cartosplit.device_runtime.buckets``; a zero attention mask hides the padding, so logits do not
+change) and cut the hidden state back if needed.
 
 Input/output mapping. litert-torch writes one signature (``serving_default``) whose inputs are named
 ``args_0, args_1, ...`` in the torch ``forward`` argument order and whose outputs are named
@@ -118,33 +118,3 @@ class LiteRTSession:
         return [np.array(outputs[name]) for name in self.output_names]
 
     __call__ = run
-
-
-def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds ``length`` tokens."""
-    if not buckets:
-        raise ValueError("no sequence-length buckets given")
-    if length < 0:
-        raise ValueError(f"sequence length must be >= 0, got {length}")
-    for bucket in sorted(buckets):
-        if bucket >= length:
-            return int(bucket)
-    raise ValueError(
-        f"a sequence of {length} tokens does not fit the largest bucket ({max(buckets)}): "
-        "truncate to it when tokenizing, or export a larger bucket"
-    )
-
-
-def pad_to(array: np.ndarray, length: int, axis: int = 1, value=0) -> np.ndarray:
-    """Pad ``array`` (e.g. [1, S] ids or mask, [1, S, H] hidden) with ``value`` up to ``length`` along ``axis``."""
-    array = np.asarray(array)
-    if array.ndim == 0:
-        raise ValueError("cannot pad a scalar")
-    size = array.shape[axis]
-    if size > length:
-        raise ValueError(f"cannot pad axis {axis} of size {size} down to {length}")
-    if size == length:
-        return array
-    widths = [(0, 0)] * array.ndim
-    widths[axis] = (0, length - size)
-    return np.pad(array, widths, mode="constant", constant_values=value)

@@ -90,24 +90,38 @@ class ExitSignals:
         return ExitSignals(self.probs_device[index], self.probs_edge[index], self.probs_final[index], router)
 
 
-def route(policy: Policy, signals: ExitSignals) -> np.ndarray:
-    """Tier code (costs.TIER_*) that answers each sample under ``policy``."""
-    n = len(signals)
-    if signals.router_probs is None:
+def leaves_for_cloud(policy: Policy, router_probs: np.ndarray) -> np.ndarray:
+    """Step 2 alone, P(hard) >= ``hard_margin``: known after the router, before the rest of the device slice runs
+    (which a sample that leaves never needs). Over the last axis: [N, 3] gives [N], [3] one bool."""
+    return np.asarray(router_probs)[..., HARD] >= policy.hard_margin
+
+
+def device_decision(policy: Policy, router_probs: np.ndarray | None, probs_device: np.ndarray) -> np.ndarray:
+    """What the device does with each sample (steps 1-3): TIER_CLOUD_DIRECT (leaves at depth r), TIER_DEVICE
+    (answers at its exit) or TIER_EDGE (offloads; the edge then answers or forwards, step 4).
+
+    Over the last axis, so the runtime's single sample ([3], [K]: one code) and calibration's batches ([N, 3],
+    [N, K]: [N] codes) go through the same comparisons. ``router_probs`` None: no router, which a policy with a
+    finite margin cannot do without.
+    """
+    confident = np.max(probs_device, axis=-1) >= policy.alpha_device
+    if router_probs is None:
         if policy.uses_router:
             raise ValueError("the policy uses the router but no router probabilities were given")
-        direct = np.zeros(n, dtype=bool)
-        skip_device = np.zeros(n, dtype=bool)
+        direct = skip_device = np.zeros(np.shape(confident), dtype=bool)
     else:
-        direct = signals.router_probs[:, HARD] >= policy.hard_margin
-        skip_device = ~direct & (signals.router_probs[:, MEDIUM] >= policy.medium_margin)
-    at_device = ~direct & ~skip_device & (signals.probs_device.max(axis=1) >= policy.alpha_device)
-    at_edge = ~direct & ~at_device & (signals.probs_edge.max(axis=1) >= policy.alpha_edge)
-    tiers = np.full(n, TIER_CLOUD_VIA_EDGE, dtype=np.int64)
-    tiers[at_edge] = TIER_EDGE
-    tiers[at_device] = TIER_DEVICE
-    tiers[direct] = TIER_CLOUD_DIRECT
-    return tiers
+        direct = leaves_for_cloud(policy, router_probs)
+        skip_device = np.asarray(router_probs)[..., MEDIUM] >= policy.medium_margin
+    at_device = ~direct & ~skip_device & confident
+    return np.where(direct, TIER_CLOUD_DIRECT, np.where(at_device, TIER_DEVICE, TIER_EDGE))
+
+
+def route(policy: Policy, signals: ExitSignals) -> np.ndarray:
+    """Tier code (costs.TIER_*) that answers each sample under ``policy``."""
+    decision = device_decision(policy, signals.router_probs, signals.probs_device)
+    offloaded = decision == TIER_EDGE
+    at_edge = offloaded & (signals.probs_edge.max(axis=1) >= policy.alpha_edge)
+    return np.where(offloaded & ~at_edge, TIER_CLOUD_VIA_EDGE, decision).astype(np.int64)
 
 
 def answers(tiers: np.ndarray, signals: ExitSignals) -> np.ndarray:

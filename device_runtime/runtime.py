@@ -29,16 +29,17 @@ from cartosplit.device_runtime.costs import (
     TIER_DEVICE,
     TIER_EDGE,
     TIER_NAMES,
-    CostProfile,
-    SplitPoints,
 )
-from cartosplit.device_runtime.policy import HARD, MEDIUM, Policy
+from cartosplit.device_runtime.numerics import softmax
+from cartosplit.device_runtime.policy import device_decision, leaves_for_cloud
 from cartosplit.device_runtime.text import encode, load_tokenizer, pad_batch
+from cartosplit.protos import tiers_pb2 as pb
 
 if TYPE_CHECKING:  # grpc is only needed once a tier is configured
     from cartosplit.protos.security import ClientSecurity
 
-TIER_LABELS = {0: "unspecified", 1: "device", 2: "edge", 3: "cloud"}
+# the proto's Tier enum, by number, as Prediction.tier names them: TIER_UNSPECIFIED -> "unspecified", EDGE -> "edge"
+TIER_LABELS = {tier.number: tier.name.lower().removeprefix("tier_") for tier in pb.Tier.DESCRIPTOR.values}
 # the model reads at most max_length tokens; a far longer text only costs tokenizer time and memory
 MAX_CHARS = 100_000
 
@@ -63,12 +64,6 @@ class Prediction:
         return asdict(self)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 class _DeviceGraphs:
     """device_head and device_tail on onnxruntime (exact length) or LiteRT (padded to a bucket)."""
 
@@ -83,7 +78,7 @@ class _DeviceGraphs:
         else:
             from cartosplit.device_runtime.litert_backend import LiteRTSession
 
-            self.buckets = sorted(bundle.manifest["formats"][fmt]["buckets"])
+            self.buckets = sorted(bundle.manifest.formats[fmt].buckets)
             self.sessions = {
                 (name, b): LiteRTSession(bundle.graph_file(name, fmt, b), threads)
                 for name in ("device_head", "device_tail")
@@ -97,7 +92,7 @@ class _DeviceGraphs:
         if self.buckets is None:
             router_logits, hidden = self.head.run(inputs)
         else:
-            from cartosplit.device_runtime.litert_backend import bucket_for, pad_to
+            from cartosplit.device_runtime.buckets import bucket_for, pad_to
 
             self._bucket = bucket_for(length, self.buckets)
             inputs = [pad_to(x, self._bucket) for x in inputs]
@@ -111,7 +106,7 @@ class _DeviceGraphs:
         if self.buckets is None:
             hidden, logits = self.tail.run([hidden_r[None], mask])
         else:
-            from cartosplit.device_runtime.litert_backend import pad_to
+            from cartosplit.device_runtime.buckets import pad_to
 
             session = self.sessions[("device_tail", self._bucket)]
             hidden, logits = session.run([pad_to(hidden_r[None], self._bucket), pad_to(mask, self._bucket)])
@@ -203,7 +198,7 @@ class DeviceRuntime:
         m = self.bundle.manifest
         if backend not in ("onnxruntime", "litert"):
             raise ValueError(f"backend must be 'onnxruntime' or 'litert', got {backend!r}")
-        formats = m["formats"]
+        formats = m.formats
         if fmt is None:
             preferred = (ONNX_INT8, ONNX_FP32) if backend == "onnxruntime" else (TFLITE_INT8, TFLITE_FP32)
             fmt = next((f for f in preferred if f in formats), None)
@@ -216,12 +211,12 @@ class DeviceRuntime:
         self.encoding = ENCODINGS[encoding]
         self.fmt = fmt
         self.graphs = _DeviceGraphs(self.bundle, fmt, threads)
-        self.tokenizer = load_tokenizer(self.bundle.path(m["tokenizer"]), m["model"]["max_length"])
-        self.policy = Policy.from_dict(m["policy"])
-        self.split = SplitPoints(**{k: m["split_points"][k] for k in ("router_depth", "device", "edge", "total")})
-        self.costs = CostProfile(**m["cost_profile"]).tier_costs(self.split)
-        self.all_cloud_cost = CostProfile(**m["cost_profile"]).all_cloud_cost(self.split)
-        self.labels = m["model"]["labels"]
+        self.tokenizer = load_tokenizer(self.bundle.path(m.tokenizer), m.model.max_length)
+        self.policy = m.policy
+        self.split = m.split_points
+        self.costs = m.cost_profile.tier_costs(self.split)
+        self.all_cloud_cost = m.cost_profile.all_cloud_cost(self.split)
+        self.labels = m.model.labels
         self.timeout_s = timeout_s
         self.edge = _Tier(edge, "edge", max_message_bytes, retry_after_s, security) if edge else None
         self.cloud = _Tier(cloud, "cloud", max_message_bytes, retry_after_s, security) if cloud else None
@@ -229,7 +224,6 @@ class DeviceRuntime:
     # -- requests -------------------------------------------------------------------------------------------
 
     def _request(self, depth: int, hidden: np.ndarray | None = None, tokens: dict | None = None):
-        from cartosplit.protos import tiers_pb2 as pb
         from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
 
         request = pb.InferRequest(
@@ -275,12 +269,12 @@ class DeviceRuntime:
         result = {"errors": [], "bytes_sent": 0}
         tokens = pad_batch([encoded])
         router_logits, hidden_r = self.graphs.run_head(tokens)
-        router = _softmax(router_logits)
+        router = softmax(router_logits)
         device_ms = 0.0
         reply, route, wanted = None, None, None
-        device_logits = None
+        probs_device = None
 
-        if router[HARD] >= self.policy.hard_margin:
+        if leaves_for_cloud(self.policy, router):
             wanted = TIER_CLOUD_DIRECT
             device_ms = 1000 * (time.perf_counter() - started)
             reply = self._cloud_direct(hidden_r, tokens, result)
@@ -290,15 +284,15 @@ class DeviceRuntime:
             tail_started = time.perf_counter()
             hidden_d, device_logits = self.graphs.run_tail(hidden_r)
             device_ms += 1000 * (time.perf_counter() - (tail_started if wanted is not None else started))
-            confident = _softmax(device_logits).max() >= self.policy.alpha_device
-            skip = router[MEDIUM] >= self.policy.medium_margin
-            if wanted is None and confident and not skip:
+            probs_device = softmax(device_logits)
+            # TIER_DEVICE only where the router did not send the sample to the cloud (wanted is None then)
+            if device_decision(self.policy, router, probs_device) == TIER_DEVICE:
                 route = wanted = TIER_DEVICE
             else:
                 wanted = wanted if wanted is not None else TIER_EDGE
                 reply = self._send(self.edge, self._request(self.split.device, hidden=hidden_d), result)
                 if reply is not None:
-                    route = TIER_EDGE if reply.tier == 2 else TIER_CLOUD_VIA_EDGE
+                    route = TIER_EDGE if reply.tier == pb.EDGE else TIER_CLOUD_VIA_EDGE
                 elif wanted != TIER_CLOUD_DIRECT:  # edge down: the cloud from depth r (or tokens)
                     reply = self._cloud_direct(hidden_r, tokens, result)
                     if reply is not None:
@@ -312,7 +306,7 @@ class DeviceRuntime:
             tier_ms = {TIER_LABELS[t.tier]: t.compute_ms + t.queue_ms for t in reply.timings}
             degraded = reply.degraded
         else:
-            probabilities = _softmax(device_logits)
+            probabilities = probs_device
             tier, exit_depth, tier_ms = "device", self.split.device, {}
             degraded = wanted != TIER_DEVICE
         tier_ms["device"] = device_ms

@@ -23,7 +23,6 @@ import os
 import signal
 import socket
 import socketserver
-import sys
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -541,41 +540,11 @@ def serve(config: ServiceConfig, runtime=None, ready=None) -> int:
     return 0
 
 
-def add_arguments(parser) -> None:
-    """Options of ``cartosplit serve-device``."""
-    parser.add_argument(
-        "--config",
-        required=True,
-        metavar="TOML",
-        help="the service's configuration file (e.g. /etc/cartosplit/device.toml; see deploy/pi/device.toml)",
-    )
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="read the config, verify the bundle and load the graphs, print the resolved settings, and exit",
-    )
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-
-
-def main_from_args(args) -> int:
-    """``cartosplit serve-device``."""
-    logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
-    config = load_config(args.config)
-    if args.check:
-        runtime = build_runtime(config)
-        runtime.close()
-        print(json.dumps({**describe_config(config), "bundle_id": runtime.bundle.bundle_id, "format": runtime.fmt}))
-        return 0
-    return serve(config)
-
-
 __all__ = [
     "ConfigError",
     "DeviceService",
     "ServiceConfig",
-    "add_arguments",
     "load_config",
-    "main_from_args",
     "parse_config",
     "serve",
 ]

@@ -14,38 +14,24 @@ import sys
 import grpc
 import numpy as np
 
-from cartosplit.cloud_server.tier import (
-    RequestError,
-    ServerConfig,
-    TierMetrics,
-    TierServer,
-    TierServicer,
-    add_common_arguments,
-    check_envelope,
-    config_from_args,
-    configure_logging,
-    decode_hidden,
-    grpc_options,
-    log_event,
-    parse_alpha,
-    reply_from_logits,
-    run_until_signal,
-    short_id,
-    softmax,
-    time_left,
-)
 from cartosplit.device_runtime.bundle import Bundle, BundleError, load_bundle
-from cartosplit.device_runtime.policy import Policy
+from cartosplit.device_runtime.numerics import softmax
+from cartosplit.edge_server.forward import DEFAULT_FORWARD_TIMEOUT_S, CloudLink, ForwardFailed
 from cartosplit.protos import tiers_pb2 as pb
 from cartosplit.protos import tiers_pb2_grpc as pb_grpc
-from cartosplit.protos.codec import ENCODINGS, encode_tensor
+from cartosplit.protos.codec import ENCODINGS
 from cartosplit.protos.security import ClientSecurity
+from cartosplit.serving.checks import RequestError, check_envelope, decode_hidden, time_left
+from cartosplit.serving.config import ServerConfig
+from cartosplit.serving.flags import add_common_arguments, config_from_args, parse_alpha
+from cartosplit.serving.graphs import tier_graphs
+from cartosplit.serving.lifecycle import TierServer, run_until_signal
+from cartosplit.serving.logs import configure_logging, log_event, short_id
+from cartosplit.serving.metrics import TierMetrics
+from cartosplit.serving.servicer import TierServicer, reply_from_logits
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeTier"].full_name
 DEFAULT_PORT = 50051
-DEFAULT_FORWARD_TIMEOUT_S = 10.0  # when the client set no deadline
-# Keep part of the client's remaining time for answering from the edge exit if the cloud is too slow.
-_RESERVE_FRACTION, _RESERVE_MAX_S = 0.2, 0.05
 
 
 class EdgeServicer(TierServicer, pb_grpc.EdgeTierServicer):
@@ -63,30 +49,23 @@ class EdgeServicer(TierServicer, pb_grpc.EdgeTierServicer):
         cloud_security: ClientSecurity | None = None,
     ) -> None:
         super().__init__(bundle, config, TierMetrics(self.tier_name, forwarding=True))
-        if forward_encoding not in ENCODINGS:
-            raise ValueError(f"forward encoding must be one of {sorted(ENCODINGS)}, got {forward_encoding!r}")
-        policy_alpha = Policy.from_dict(bundle.manifest["policy"]).alpha_edge
+        policy_alpha = bundle.manifest.policy.alpha_edge
         self.alpha_edge = policy_alpha if alpha_edge is None else alpha_edge
-        self.forward_encoding = ENCODINGS[forward_encoding]
-        self.forward_timeout_s = forward_timeout_s
-        self.cloud_address = cloud_address
-        # a short reconnect back-off so the edge notices a restarted cloud within seconds
-        options = [*grpc_options(config.max_message_bytes), ("grpc.max_reconnect_backoff_ms", 5000)]
-        self.cloud_security = cloud_security or ClientSecurity()  # TLS / mTLS / token towards the cloud
         try:
-            self._channel = self.cloud_security.channel(cloud_address, options=options)
-        except ValueError:  # an unreadable file, or a token that would go out in plaintext
+            self.cloud = CloudLink(
+                cloud_address, config.max_message_bytes, forward_encoding, forward_timeout_s, cloud_security
+            )
+        except ValueError:  # an unknown encoding, an unreadable file, or a token that would go out in plaintext
             super().close()
             raise
-        self._cloud = pb_grpc.CloudTierStub(self._channel)
         try:
-            self.add_graph("edge", "hidden")
+            self.add_graphs(tier_graphs(bundle, self.tier_name))
         except Exception:
             self.close()
             raise
 
     def infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:
-        check_envelope(request, self.bundle.bundle_id, {self.split["device"]}, self.tier_name)
+        check_envelope(request, self.bundle.bundle_id, {self.split.device}, self.tier_name)
         if not request.HasField("hidden") or request.HasField("input_ids"):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the edge takes hidden (and no input_ids)")
         hidden = decode_hidden(request.hidden, self.hidden_size, self.max_length)
@@ -94,10 +73,10 @@ class EdgeServicer(TierServicer, pb_grpc.EdgeTierServicer):
         hidden_out, logits = result.outputs
         timing = self.timing(result)
         if float(softmax(logits).max()) >= self.alpha_edge:
-            return reply_from_logits(request, logits, pb.EDGE, self.split["edge"], timing)
+            return reply_from_logits(request, logits, pb.EDGE, self.split.edge, timing)
         reply = self._forward(request, hidden_out, timing, context)
         if reply is None:
-            return reply_from_logits(request, logits, pb.EDGE, self.split["edge"], timing, degraded=True)
+            return reply_from_logits(request, logits, pb.EDGE, self.split.edge, timing, degraded=True)
         return reply
 
     def _forward(
@@ -109,40 +88,23 @@ class EdgeServicer(TierServicer, pb_grpc.EdgeTierServicer):
     ) -> pb.InferReply | None:
         """The cloud's reply, or None (logged and counted) when it cannot give one in time."""
         self.metrics.forwarded.labels(self.tier_name).inc()
-        timeout = self._forward_timeout(time_left(context))
-        failure = "no time left for the cloud"
-        if timeout > 0:
-            onward = pb.InferRequest(
-                request_id=request.request_id,
-                bundle_id=request.bundle_id,
-                protocol_version=request.protocol_version,
-                depth=self.split["edge"],
-                hidden=encode_tensor(hidden_out, self.forward_encoding),
-                timings=[*request.timings, timing],
+        try:
+            return self.cloud.forward(request, hidden_out, self.split.edge, timing, time_left(context))
+        except ForwardFailed as failure:
+            self.metrics.degraded.labels(self.tier_name).inc()
+            log_event(
+                logging.WARNING,
+                "forward_failed",
+                tier=self.tier_name,
+                request_id=short_id(request.request_id),
+                cloud=self.cloud.address,
+                reason=str(failure)[:300],
             )
-            try:
-                return self._cloud.Infer(onward, timeout=timeout)
-            except grpc.RpcError as exc:
-                failure = f"{exc.code().name}: {exc.details()}"
-        self.metrics.degraded.labels(self.tier_name).inc()
-        log_event(
-            logging.WARNING,
-            "forward_failed",
-            tier=self.tier_name,
-            request_id=short_id(request.request_id),
-            cloud=self.cloud_address,
-            reason=failure[:300],
-        )
-        return None
-
-    def _forward_timeout(self, remaining: float | None) -> float:
-        if remaining is None:
-            return self.forward_timeout_s
-        return min(self.forward_timeout_s, remaining - min(_RESERVE_MAX_S, _RESERVE_FRACTION * remaining))
+            return None
 
     def close(self) -> None:
         super().close()
-        self._channel.close()
+        self.cloud.close()
 
 
 def build_edge_server(
@@ -231,16 +193,6 @@ def serve(args: argparse.Namespace) -> int:
         alpha_edge="inf" if math.isinf(alpha) else alpha,
         alpha_source="policy" if args.alpha_edge is None else "--alpha-edge",
         forward_encoding=args.forward_encoding,
-        cloud_security=server.servicer.cloud_security.mode,
+        cloud_security=server.servicer.cloud.security.mode,
     )
     return run_until_signal(server, f"edge serving {config.bundle} on {server.address}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cartosplit-edge", description="Serve the edge tier of a bundle.")
-    add_arguments(parser)
-    return serve(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,19 +1,16 @@
 """``cartosplit demo``: the whole path on one machine — train, calibrate, export, serve, run the device.
 
 Each step reuses what an earlier run left when its inputs have not changed, so a second demo takes
-about a minute. The edge and cloud servers are real subprocesses on free loopback ports.
+about a minute. The edge and cloud servers are real subprocesses on free loopback ports
+(``cartosplit.serving.process``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -23,62 +20,7 @@ from cartosplit.device_runtime.costs import CostProfile
 from cartosplit.device_runtime.policy import Policy
 from cartosplit.export.calibrate import CALIBRATION_FILE, CalibrateConfig, UncertifiableError, calibrate
 from cartosplit.export.train import RUN_FILE, TrainConfig, train
-
-READY = re.compile(r"serving .* on (\S+:\d+)\s*$")
-
-
-class ServerProcess:
-    """A tier server in its own process; ``address`` once it printed its ready line.
-
-    ``prefix``: a command put in front (e.g. ``ip netns exec NS``); ``module``: the Python module run.
-    """
-
-    def __init__(
-        self,
-        args: list[str],
-        name: str,
-        timeout_s: float = 120.0,
-        prefix: Sequence[str] = (),
-        module: str = "cartosplit.device_runtime.cli",
-    ) -> None:
-        self.name = name
-        self.process = subprocess.Popen(
-            [*prefix, sys.executable, "-m", module, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.stderr_tail: list[str] = []
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
-        self.address = self._wait_ready(timeout_s)
-
-    def _drain_stderr(self) -> None:
-        for line in self.process.stderr:  # keep the pipe from filling; keep the end for error messages
-            self.stderr_tail = [*self.stderr_tail[-20:], line.rstrip()]
-
-    def _wait_ready(self, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                if self.process.poll() is not None:
-                    break
-                continue
-            match = READY.search(line)
-            if match:
-                return match.group(1)
-        self.stop()
-        tail = "\n".join(self.stderr_tail[-10:])
-        raise RuntimeError(f"{self.name} server did not start (exit code {self.process.poll()}):\n{tail}")
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: the server drains in-flight requests, then exits
-            try:
-                self.process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+from cartosplit.serving.process import start_servers, stop_servers
 
 
 def _calibration_matches(run: Path, cfg: CalibrateConfig) -> bool:
@@ -218,25 +160,21 @@ def run_demo(
     labels = dev.labels[: len(texts)]
 
     log(f"[4/4] starting cloud and edge servers ({server_format}), then the device ({device_format})")
-    common = ["--bundle", str(bundle_dir), "--port", "0", "--format", server_format]
-    cloud = ServerProcess(["serve-cloud", *common], "cloud")
+    servers = start_servers(bundle_dir, server_format)
     try:
-        edge = ServerProcess(["serve-edge", *common, "--cloud", cloud.address], "edge")
-        try:
-            calibration = json.loads((run / CALIBRATION_FILE).read_text())
-            with DeviceRuntime(bundle, edge=edge.address, cloud=cloud.address, fmt=device_format) as device:
-                split = device.predict(texts, pairs)
-                all_cloud = device.predict_all_cloud(texts, pairs)
-                all_cloud_cost = device.all_cloud_cost
-                cascade = None
-                if calibration.get("cascade_policy") is not None:
-                    # the same run and servers with the router switched off: what the router contributes
-                    device.policy = Policy.from_dict(calibration["cascade_policy"])
-                    cascade = device.predict(texts, pairs)
-        finally:
-            edge.stop()
+        calibration = json.loads((run / CALIBRATION_FILE).read_text())
+        edge, cloud = servers["edge"].address, servers["cloud"].address
+        with DeviceRuntime(bundle, edge=edge, cloud=cloud, fmt=device_format) as device:
+            split = device.predict(texts, pairs)
+            all_cloud = device.predict_all_cloud(texts, pairs)
+            all_cloud_cost = device.all_cloud_cost
+            cascade = None
+            if calibration.get("cascade_policy") is not None:
+                # the same run and servers with the router switched off: what the router contributes
+                device.policy = Policy.from_dict(calibration["cascade_policy"])
+                cascade = device.predict(texts, pairs)
     finally:
-        cloud.stop()
+        stop_servers(servers)
 
     rows = [
         _summary("DIMEC-DC (3 tiers)", split, labels, all_cloud_cost),
@@ -245,7 +183,7 @@ def run_demo(
     if cascade is not None:
         rows.insert(1, _summary("router off (cascade)", cascade, labels, all_cloud_cost))
     log(f"\n{train_cfg.task} dev, {len(labels)} inputs, each sent through real gRPC servers on loopback:")
-    log(format_demo_table(rows, bundle.manifest["cost_profile"].get("unit", "unit")))
+    log(format_demo_table(rows, bundle.manifest.cost_profile.unit))
     router = calibration["router"]
     profile = calibration["cost_profile"]
     log(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cartosplit.device_runtime.manifest import cloud_graph
 from cartosplit.export.model import MultiExitBert
 from cartosplit.export.router import Router
 
@@ -84,11 +85,11 @@ def build_slices(model: MultiExitBert, router: Router, router_depth: int) -> dic
         "device_head": (DeviceHead(model, router, router_depth), TOKEN_INPUTS, ("router_logits", "hidden_out")),
         "device_tail": (LayerSlice(model, router_depth, d), HIDDEN_INPUTS, ("hidden_out", "logits")),
         "edge": (LayerSlice(model, d, e), HIDDEN_INPUTS, ("hidden_out", "logits")),
-        f"cloud_from_{e}": (LayerSlice(model, e, total, return_hidden=False), HIDDEN_INPUTS, ("logits",)),
+        cloud_graph(e): (LayerSlice(model, e, total, return_hidden=False), HIDDEN_INPUTS, ("logits",)),
         "full": (FullModel(model), TOKEN_INPUTS, ("logits",)),
     }
     if router_depth > 0:  # r = 0: a hard sample goes to the cloud as tokens, through `full`
-        slices[f"cloud_from_{router_depth}"] = (
+        slices[cloud_graph(router_depth)] = (
             LayerSlice(model, router_depth, total, return_hidden=False),
             HIDDEN_INPUTS,
             ("logits",),

@@ -1,4 +1,5 @@
-"""Convert one slice (see ``cartosplit.export.slices``) to a fixed-shape TFLite file with litert-torch.
+"""Convert one slice (see ``cartosplit.export.slices``) to a fixed-shape TFLite file with litert-torch, and the
+bundle's TFLite exporters (the device graphs at every sequence bucket, fp32 and int8).
 
 litert-torch 0.10 lowers only static shapes, so a slice is converted once per sequence-length bucket
 (the shape of ``example_inputs``) and the device pads to the bucket (``cartosplit.device_runtime.litert_backend``).
@@ -21,10 +22,25 @@ import logging
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
+
+from cartosplit.device_runtime.buckets import bucket_for, pad_to
+from cartosplit.device_runtime.manifest import (
+    DEVICE_GRAPHS,
+    TFLITE_FP32,
+    TFLITE_INT8,
+    FormatVerdict,
+    TfliteFormat,
+    graph_path,
+)
+from cartosplit.device_runtime.text import pad_batch
+from cartosplit.export.exporters import ExportContext, Exported
+from cartosplit.export.validation import chain, compare, judge, torch_runner
 
 INSTALL_HINT = "pip install 'cartosplit[tflite]'"
 FP32_ATOL = 1e-3  # converted fp32 vs torch on the example inputs; real diffs are ~1e-6
@@ -147,3 +163,83 @@ def convert_to_tflite(
     check = (lambda tmp: _check(tmp, inputs, expected, exact=not int8)) if verify else None
     _write_atomic(data, path, check)
     return path
+
+
+# --- the bundle's TFLite formats ------------------------------------------------------------------------
+
+
+@dataclass
+class TfliteFp32Exporter:
+    """The device graphs (``device_head``, ``device_tail``) at each sequence bucket, batch 1, fixed shapes."""
+
+    # the same bars as the ONNX formats: one --fp32-tolerance / --int8-min-agreement sets both
+    ATOL_FOR_VALIDATION: ClassVar[float | None] = 1e-3
+    MIN_AGREEMENT: ClassVar[float] = 0.995
+    fmt: ClassVar[str] = TFLITE_FP32
+    INT8: ClassVar[bool] = False
+
+    buckets: tuple[int, ...]
+    atol: float | None = ATOL_FOR_VALIDATION
+    min_agreement: float = MIN_AGREEMENT
+
+    def __post_init__(self) -> None:
+        self.buckets = tuple(sorted(self.buckets))
+
+    def export(self, ctx: ExportContext) -> Exported:
+        files: dict[str, dict[int, str]] = {}
+        for name in DEVICE_GRAPHS:
+            module, ins, _ = ctx.slices[name]
+            files[name] = {}
+            for bucket in self.buckets:
+                if ins[0] == "input_ids":
+                    example = tuple(torch.zeros(1, bucket, dtype=torch.long) for _ in ins)
+                else:
+                    example = (torch.zeros(1, bucket, ctx.hidden_size), torch.ones(1, bucket, dtype=torch.long))
+                files[name][bucket] = graph_path(self.fmt, name, bucket)
+                convert_to_tflite(module, example, ctx.work / files[name][bucket], int8=self.INT8)
+        info = TfliteFormat(
+            buckets=list(self.buckets),
+            batch=1,
+            graphs=list(DEVICE_GRAPHS),
+            quantization="dynamic_wi8_afp32" if self.INT8 else None,
+        )
+        return Exported(info, files)
+
+    def validate(self, ctx: ExportContext) -> FormatVerdict:
+        """Batch 1, each sample padded to the smallest bucket that fits, as the device runtime does; buckets no
+        held-out sample needs are checked with short samples padded up to them."""
+        from cartosplit.device_runtime.litert_backend import LiteRTSession
+
+        held = ctx.held_out
+        sessions = {
+            (name, b): LiteRTSession(ctx.work / graph_path(self.fmt, name, b), ctx.threads)
+            for name in DEVICE_GRAPHS
+            for b in self.buckets
+        }
+        reference, produced = [], []
+        for bucket in self.buckets:
+            fits = [x for x in held.encoded if len(x[0]) <= bucket]
+            chosen = [x for x in fits if bucket_for(len(x[0]), self.buckets) == bucket] or fits[:16]
+            for sample in chosen[:64]:
+                single = pad_batch([sample])
+                padded = {k: pad_to(v, bucket) for k, v in single.items()}
+
+                def run(name, inputs, bucket=bucket):
+                    return sessions[(name, bucket)].run(inputs)
+
+                reference.append(chain(torch_runner(ctx.slices), single, DEVICE_GRAPHS, held.r, held.e))
+                produced.append(chain(run, padded, DEVICE_GRAPHS, held.r, held.e))
+        return judge(compare(reference, produced, held.policy), self.atol, self.min_agreement)
+
+
+@dataclass
+class TfliteInt8Exporter(TfliteFp32Exporter):
+    """Dynamic range int8 of the fp32 conversion (``dynamic_wi8_afp32``)."""
+
+    ATOL_FOR_VALIDATION: ClassVar[float | None] = None  # quantized: logits move, only the decisions are judged
+    MIN_AGREEMENT: ClassVar[float] = 0.95
+    fmt: ClassVar[str] = TFLITE_INT8
+    INT8: ClassVar[bool] = True
+
+    atol: float | None = ATOL_FOR_VALIDATION
+    min_agreement: float = MIN_AGREEMENT

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cartosplit.device_runtime.bundle import Bundle, load_bundle
 from cartosplit.export.tiny import make_tiny_bert, synthetic_rows, tiny_train_config, write_csv
 
 __all__ = ["make_tiny_bert", "synthetic_rows", "tiny_train_config", "write_csv"]  # tests import them from here
@@ -69,3 +70,9 @@ def bundle(calibrated_run, tmp_path_factory) -> Path:
     cfg = ExportConfig(run=str(calibrated_run), out=str(out), formats=ONNX_ONLY, validation_samples=64)
     export_bundle(cfg, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def loaded(bundle: Path) -> Bundle:
+    """The tiny bundle, loaded (and verified) once per test module."""
+    return load_bundle(bundle)

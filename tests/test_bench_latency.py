@@ -72,7 +72,7 @@ def test_flops_refuse_empty_shapes():
 
 def test_feed_forward_width_is_read_from_the_exported_weights(bundle):
     b = load_bundle(bundle)
-    width, how = intermediate_size(b.graph_file("edge", "onnx-fp32"), b.manifest["model"]["hidden_size"])
+    width, how = intermediate_size(b.graph_file("edge", "onnx-fp32"), b.manifest.model.hidden_size)
     assert (width, "read from" in how) == (64, True)  # the tiny BERT: hidden 32, intermediate 2 x 32
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from cartosplit.device_runtime.cli import main
+from cartosplit.cli import main
 from cartosplit.export.calibrate import CalibrateConfig, UncertifiableError, calibrate
 from cartosplit.export.data import DataError, load_calibration_file
 from cartosplit.export.router import RouterConfig

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from cartosplit.device_runtime.cli import build_parser, main
+from cartosplit.cli import build_parser, main
 from tests.conftest import write_csv
 
 NO_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
@@ -14,7 +14,7 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "calibrate", "export", "inspect", "run", "serve-edge", "serve-cloud", "demo"]
+    "command", ["train", "calibrate", "export", "inspect", "run", "serve-edge", "serve-cloud", "serve-device", "demo"]
 )
 def test_every_subcommand_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -25,21 +25,24 @@ def test_every_subcommand_explains_itself(command, capsys):
 
 
 def test_help_and_clear_error_without_torch():
-    done = _run_python(NO_TORCH + "from cartosplit.device_runtime.cli import main; main(['--help'])")
+    done = _run_python(NO_TORCH + "from cartosplit.cli import main; main(['--help'])")
     assert done.returncode == 0 and "calibrate" in done.stdout
-    done = _run_python(NO_TORCH + "from cartosplit.device_runtime.cli import main; main(['train', '--task', 'sst2'])")
-    assert done.returncode != 0
-    assert "needs torch and transformers" in done.stderr and "pip install torch==2.13.0" in done.stderr
+    done = _run_python(
+        NO_TORCH + "from cartosplit.cli import main; raise SystemExit(main(['train', '--task', 'sst2']))"
+    )
+    assert done.returncode == 2
+    assert "cartosplit train needs the export extra" in done.stderr and "pip install torch==2.13.0" in done.stderr
 
 
 def test_a_device_install_without_the_server_extra_still_runs_the_cli():
     blocked = "sys.modules['prometheus_client'] = None; sys.modules['grpc_health'] = None; "
-    done = _run_python(NO_TORCH + blocked + "from cartosplit.device_runtime.cli import main; main(['run', '--help'])")
+    done = _run_python(NO_TORCH + blocked + "from cartosplit.cli import main; main(['run', '--help'])")
     assert done.returncode == 0 and "--bundle" in done.stdout
     done = _run_python(
-        NO_TORCH + blocked + "from cartosplit.device_runtime.cli import main; main(['serve-edge', '--port', '1'])"
+        NO_TORCH + blocked + "from cartosplit.cli import main; raise SystemExit(main(['serve-edge', '--port', '1']))"
     )
-    assert done.returncode != 0 and "pip install 'cartosplit[server]'" in done.stderr
+    assert done.returncode == 2 and "pip install 'cartosplit[server]'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # one line, no traceback
 
 
 def _tiny_args(tiny_model, synthetic_files, out):
@@ -94,6 +97,6 @@ def test_bad_split_and_bad_files_are_reported(tmp_path, tiny_model, synthetic_fi
 
 def test_numbers_are_validated_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args(["train", "--epochs", "0"])
+        build_parser("train").parse_args(["train", "--epochs", "0"])
     assert exit_info.value.code == 2
     assert "positive integer" in capsys.readouterr().err

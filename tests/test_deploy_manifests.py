@@ -18,7 +18,7 @@ import pytest
 yaml = pytest.importorskip("yaml")  # PyYAML: the dev and ray extras bring it
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
-from cartosplit.device_runtime.cli import build_parser  # noqa: E402
+from cartosplit.cli import build_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -42,7 +42,7 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
 
 def cli_args(args: list[str]):
     """Parse like `cartosplit ARGS` would (parse only: nothing starts)."""
-    return build_parser().parse_args(args)
+    return build_parser(args[0]).parse_args(args)
 
 
 def probe_port(probe: dict) -> int:
@@ -123,7 +123,7 @@ def test_rayservice_runs_the_kit_builder_and_a_front_that_attaches_to_it():
     (front_service,) = by_kind(docs, "Service")
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     (app,) = serve_config["applications"]
-    assert app["import_path"] == "cartosplit.cloud_server.ray_backend:build_app"
+    assert app["import_path"] == "cartosplit.serving.ray_backend:build_app"
     assert app["route_prefix"] is None  # not an HTTP route: only the front calls it
 
     cluster = service["spec"]["rayClusterConfig"]
@@ -143,7 +143,7 @@ def test_rayservice_runs_the_kit_builder_and_a_front_that_attaches_to_it():
     # the front's --ray-config comes from the ConfigMap and is settings the backend accepts
     config_mount = mounts_of(front)["front-config"]
     assert Path(parsed.ray_config).parent == Path(config_mount)
-    from cartosplit.cloud_server.ray_backend import RaySettings
+    from cartosplit.serving.ray_settings import RaySettings
 
     front_settings = RaySettings.from_mapping(yaml.safe_load(config_map["data"][Path(parsed.ray_config).name]))
     assert front_settings.attach_timeout_s > 0  # the front may start before the application is up

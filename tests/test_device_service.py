@@ -370,7 +370,7 @@ def test_notify_systemd_sends_ready_to_the_notify_socket(tmp_path, monkeypatch):
 
 def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cartosplit.device_runtime.cli", *args],
+        [sys.executable, "-m", "cartosplit", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -401,7 +401,7 @@ def test_cli_serves_until_sigterm(tmp_path, bundle):
     path = tmp_path / "device.toml"
     path.write_text(f'bundle = "{bundle}"\nthreads = 1\n[listen]\nport = 0\n')
     process = subprocess.Popen(
-        [sys.executable, "-m", "cartosplit.device_runtime.cli", "serve-device", "--config", str(path)],
+        [sys.executable, "-m", "cartosplit", "serve-device", "--config", str(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

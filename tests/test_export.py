@@ -5,8 +5,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from cartosplit.cli import main
 from cartosplit.device_runtime.bundle import BundleError, load_bundle
-from cartosplit.device_runtime.cli import main
+from cartosplit.device_runtime.costs import SplitPoints
 from cartosplit.export.bundle_writer import ExportConfig, ExportError, export_bundle
 from tests.conftest import ONNX_ONLY
 
@@ -16,27 +17,27 @@ QUIET = {"log": lambda *_: None}
 def test_bundle_manifest_describes_everything(bundle):
     loaded = load_bundle(bundle)
     m = loaded.manifest
-    assert m["schema_version"] == 1
-    assert m["split_points"] == {"router_depth": 1, "device": 1, "edge": 2, "total": 4}
-    assert m["model"]["labels"] == ["negative", "positive"] and m["model"]["hidden_size"] == 32
-    assert set(m["graphs"]) == {"device_head", "device_tail", "edge", "cloud_from_2", "cloud_from_1", "full"}
-    assert m["tokenizer"] == "tokenizer.json" and "tokenizer.json" in m["files"]
-    assert m["formats"]["onnx-fp32"]["opset"] == 17
-    assert m["formats"]["onnx-int8"]["weight_type"] in ("QInt8", "QUInt8")
-    assert len(m["formats"]["onnx-int8"]["candidates"]) == 4
-    for rel, entry in m["files"].items():
-        assert (bundle / rel).stat().st_size == entry["size"] and len(entry["sha256"]) == 64
+    assert m.schema_version == 1
+    assert m.split_points == SplitPoints(router_depth=1, device=1, edge=2, total=4)
+    assert m.model.labels == ["negative", "positive"] and m.model.hidden_size == 32
+    assert set(m.graphs) == {"device_head", "device_tail", "edge", "cloud_from_2", "cloud_from_1", "full"}
+    assert m.tokenizer == "tokenizer.json" and "tokenizer.json" in m.files
+    assert m.formats["onnx-fp32"].opset == 17
+    assert m.formats["onnx-int8"].weight_type in ("QInt8", "QUInt8")
+    assert len(m.formats["onnx-int8"].candidates) == 4
+    for rel, entry in m.files.items():
+        assert (bundle / rel).stat().st_size == entry.size and len(entry.sha256) == 64
     assert not list(bundle.parent.glob("*.partial"))
 
 
 def test_fp32_matches_torch_and_int8_agrees_on_labels(bundle):
-    validation = load_bundle(bundle).manifest["validation"]["formats"]
+    validation = load_bundle(bundle).manifest.validation.formats
     fp32, int8 = validation["onnx-fp32"], validation["onnx-int8"]
-    assert fp32["passed"] and max(fp32["max_abs_diff"].values()) < 1e-4
-    assert all(v == 1.0 for v in fp32["agreement"].values())
-    assert int8["passed"]
+    assert fp32.passed and max(fp32.max_abs_diff.values()) < 1e-4
+    assert all(v == 1.0 for v in fp32.agreement.values())
+    assert int8.passed
     for exit_name in ("device", "edge", "final", "full"):
-        assert int8["agreement"][exit_name] >= 0.95
+        assert int8.agreement[exit_name] >= 0.95
 
 
 def test_every_graph_runs_in_plain_onnxruntime_with_any_batch_and_length(bundle):
@@ -148,15 +149,15 @@ def test_tflite_device_graphs_per_bucket_run_in_plain_litert(calibrated_run, tmp
     export_bundle(cfg, **QUIET)
     m = load_bundle(out).manifest
     for fmt in ("tflite-fp32", "tflite-int8"):
-        report = m["validation"]["formats"][fmt]
-        assert report["passed"], report["failures"]
-        assert m["formats"][fmt]["buckets"] == [16, 32]
+        report = m.validation.formats[fmt]
+        assert report.passed, report.failures
+        assert m.formats[fmt].buckets == [16, 32]
         for graph in ("device_head", "device_tail"):
-            assert set(m["graphs"][graph]["files"][fmt]) == {"16", "32"}
-        assert "edge" not in m["graphs"]["edge"]["files"].get(fmt, {})
-    assert max(m["validation"]["formats"]["tflite-fp32"]["max_abs_diff"].values()) < 1e-4
+            assert set(m.graphs[graph].bucket_files[fmt]) == {16, 32}
+        assert fmt not in m.graphs["edge"].formats()
+    assert max(m.validation.formats["tflite-fp32"].max_abs_diff.values()) < 1e-4
     # a phone needs nothing of cartosplit to run a graph: plain LiteRT, fixed shape [1, bucket]
-    interpreter = Interpreter(model_path=str(out / m["graphs"]["device_head"]["files"]["tflite-int8"]["16"]))
+    interpreter = Interpreter(model_path=str(out / m.graphs["device_head"].bucket_files["tflite-int8"][16]))
     runner = interpreter.get_signature_runner()
     tokens = {name: np.ones((1, 16), dtype=np.int32) for name in runner.get_input_details()}
     outputs = runner(**tokens)
@@ -172,9 +173,10 @@ import sys
 sys.modules["torch"] = None  # any import of torch now fails
 sys.modules["transformers"] = None
 import numpy as np
-from cartosplit.device_runtime import bundle, cli, costs, litert_backend, onnx_backend, policy, text
+from cartosplit import cli
+from cartosplit.device_runtime import bundle, commands, costs, litert_backend, onnx_backend, policy, text
 b = bundle.load_bundle({str(bundle)!r})
-tok = text.load_tokenizer(b.path(b.manifest["tokenizer"]), 32)
+tok = text.load_tokenizer(b.path(b.manifest.tokenizer), 32)
 batch = text.pad_batch(text.encode(tok, ["the film was good", "bad plot"]))
 head = onnx_backend.OnnxSession(b.graph_file("device_head", "onnx-int8"))
 router_logits, hidden = head.run([batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]])

@@ -13,22 +13,21 @@ import numpy as np
 import pytest
 
 from cartosplit.cloud_server.server import build_cloud_server
-from cartosplit.cloud_server.tier import ServerConfig
 from cartosplit.device_runtime.policy import Policy
 from cartosplit.device_runtime.runtime import DeviceRuntime
-from cartosplit.export.demo import ServerProcess
 from cartosplit.protos import tiers_pb2 as pb
 from cartosplit.protos import tiers_pb2_grpc
 from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
+from cartosplit.serving.config import ServerConfig
+from cartosplit.serving.process import ServerProcess, start_servers
 
 CLIMB = Policy(alpha_device=math.inf, alpha_edge=math.inf)  # every input leaves the device
 
 
-def _servers(bundle, cloud_port="0", edge_args=()):
-    common = ["--bundle", str(bundle), "--format", "onnx-fp32"]
-    cloud = ServerProcess(["serve-cloud", *common, "--port", cloud_port], "cloud")
-    edge = ServerProcess(["serve-edge", *common, "--port", "0", "--cloud", cloud.address, *edge_args], "edge")
-    return edge, cloud
+def _servers(bundle):
+    """Cloud and edge; the edge never answers (--alpha-edge inf), so every input reaches the cloud."""
+    servers = start_servers(bundle, edge_args=["--alpha-edge", "inf"])
+    return servers["edge"], servers["cloud"]
 
 
 def _resume_and_stop(*servers):
@@ -39,7 +38,7 @@ def _resume_and_stop(*servers):
 
 
 def test_frozen_edge_then_thawed_every_input_answered_once(bundle):
-    edge, cloud = _servers(bundle, edge_args=("--alpha-edge", "inf"))
+    edge, cloud = _servers(bundle)
     try:
         with DeviceRuntime(bundle, edge=edge.address, cloud=cloud.address, timeout_s=0.5, retry_after_s=0.5) as rt:
             rt.policy = CLIMB
@@ -60,7 +59,7 @@ def test_frozen_edge_then_thawed_every_input_answered_once(bundle):
 
 
 def test_cloud_killed_and_restarted_on_its_port_is_used_again(bundle):
-    edge, cloud = _servers(bundle, edge_args=("--alpha-edge", "inf"))
+    edge, cloud = _servers(bundle)
     port = cloud.address.rsplit(":", 1)[1]
     try:
         with DeviceRuntime(bundle, edge=edge.address, cloud=cloud.address, timeout_s=1.0, retry_after_s=0.3) as rt:
@@ -86,7 +85,7 @@ def test_cloud_killed_and_restarted_on_its_port_is_used_again(bundle):
 
 
 def test_deadlines_hold_on_each_hop_when_the_cloud_freezes(bundle):
-    edge, cloud = _servers(bundle, edge_args=("--alpha-edge", "inf"))
+    edge, cloud = _servers(bundle)
     try:
         with DeviceRuntime(bundle, edge=edge.address, cloud=cloud.address, timeout_s=1.0) as rt:
             rt.policy = CLIMB

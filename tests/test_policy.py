@@ -20,7 +20,9 @@ from cartosplit.device_runtime.policy import (
     Objective,
     Policy,
     _threshold_grid,
+    device_decision,
     evaluate_policy,
+    leaves_for_cloud,
     route,
     search_policy,
 )
@@ -142,6 +144,62 @@ def test_router_policy_without_router_probs_is_an_error():
     signals = ExitSignals(_probs([0.9], [1]), _probs([0.9], [1]), _probs([0.9], [1]))
     with pytest.raises(ValueError, match="router"):
         route(Policy(0.5, 0.5, hard_margin=0.5), signals)
+
+
+def _route_as_it_was(policy: Policy, signals: ExitSignals) -> np.ndarray:
+    """``route`` before device_decision took over its device steps, kept as the reference."""
+    n = len(signals)
+    if signals.router_probs is None:
+        direct = skip_device = np.zeros(n, dtype=bool)
+    else:
+        direct = signals.router_probs[:, 2] >= policy.hard_margin
+        skip_device = ~direct & (signals.router_probs[:, 1] >= policy.medium_margin)
+    at_device = ~direct & ~skip_device & (signals.probs_device.max(axis=1) >= policy.alpha_device)
+    at_edge = ~direct & ~at_device & (signals.probs_edge.max(axis=1) >= policy.alpha_edge)
+    tiers = np.full(n, TIER_CLOUD_VIA_EDGE, dtype=np.int64)
+    tiers[at_edge] = TIER_EDGE
+    tiers[at_device] = TIER_DEVICE
+    tiers[direct] = TIER_CLOUD_DIRECT
+    return tiers
+
+
+def _threshold(draw, observed: np.ndarray) -> float:
+    """A threshold that often equals an observed value (where >= and > part), else anywhere, or never (inf)."""
+    kind = draw(st.sampled_from(["observed", "uniform", "inf", "zero"]))
+    if kind == "observed":
+        return float(observed.flat[draw(st.integers(0, observed.size - 1))])
+    return {"uniform": draw(st.floats(0.0, 1.0)), "inf": math.inf, "zero": 0.0}[kind]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data(), st.integers(1, 40), st.integers(2, 4), st.integers(0, 10_000), st.booleans())
+def test_device_decision_agrees_with_route_as_it_was_and_with_itself_per_sample(data, n, k, seed, with_router):
+    rng = np.random.default_rng(seed)
+    # float32 as the graphs give them, rounded so that ties between samples and thresholds are common
+    probs = [np.round(rng.dirichlet(np.ones(k), n), 2).astype(np.float32) for _ in range(3)]
+    router = np.round(rng.dirichlet(np.ones(3), n), 2).astype(np.float32) if with_router else None
+    signals = ExitSignals(*probs, router)
+    alphas = [_threshold(data.draw, p.max(axis=1)) for p in probs[:2]]
+    margins = [_threshold(data.draw, router[:, g]) if with_router else math.inf for g in (2, 1)]
+    policy = Policy(*alphas, *margins)
+
+    tiers = route(policy, signals)
+    assert tiers.dtype == np.int64
+    np.testing.assert_array_equal(tiers, _route_as_it_was(policy, signals))
+    decision = device_decision(policy, router, signals.probs_device)
+    np.testing.assert_array_equal(decision, np.where(tiers == TIER_CLOUD_VIA_EDGE, TIER_EDGE, tiers))
+    # the runtime's way: one sample at a time, the router's step first
+    for i in range(n):
+        one = device_decision(policy, None if router is None else router[i], signals.probs_device[i])
+        assert one.shape == () and int(one) == decision[i]
+        if router is not None:
+            assert bool(leaves_for_cloud(policy, router[i])) == (decision[i] == TIER_CLOUD_DIRECT)
+
+
+def test_device_decision_without_router_refuses_a_router_policy():
+    with pytest.raises(ValueError, match="router"):
+        device_decision(Policy(0.5, 0.5, medium_margin=0.5), None, _probs([0.9], [1]))
+    assert device_decision(Policy(0.95), None, _probs([0.99, 0.9], [1, 0])).tolist() == [TIER_DEVICE, TIER_EDGE]
 
 
 def random_problem(seed: int, n: int = 120):

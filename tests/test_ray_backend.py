@@ -23,15 +23,17 @@ import grpc
 import numpy as np
 import pytest
 
-from cartosplit.cloud_server import ray_backend
-from cartosplit.cloud_server.ray_backend import RaySettings, bucket_for, pad_to, seq_buckets
 from cartosplit.cloud_server.server import build_cloud_server
-from cartosplit.cloud_server.tier import ServerConfig, TierServer
-from cartosplit.device_runtime.bundle import Bundle, load_bundle
+from cartosplit.device_runtime.buckets import bucket_for, pad_to, seq_buckets
+from cartosplit.device_runtime.bundle import Bundle
 from cartosplit.edge_server.server import build_edge_server
 from cartosplit.protos import tiers_pb2 as pb
 from cartosplit.protos import tiers_pb2_grpc as pb_grpc
 from cartosplit.protos.codec import decode_tensor
+from cartosplit.serving import ray_backend
+from cartosplit.serving.config import ServerConfig
+from cartosplit.serving.lifecycle import TierServer
+from cartosplit.serving.ray_settings import RaySettings
 from tests.test_servers import FP32, ROOT, Reference, cloud_stub, code_of, edge_stub, request
 
 TOL = 1e-5
@@ -87,7 +89,7 @@ def test_buckets_and_padding():
 
 def test_a_front_batch_larger_than_the_replicas_batch_is_refused(tmp_path):
     pytest.importorskip("ray")
-    from cartosplit.cloud_server.ray_backend import RayBackend
+    from cartosplit.serving.ray_backend import RayBackend
 
     config = tmp_path / "ray.yaml"
     config.write_text("max_batch_size: 8\n")
@@ -156,11 +158,6 @@ def test_a_local_ray_that_never_starts_says_each_attempt_and_the_raylet_log(tmp_
 # ------------------------------------------------------------------------------------- with a local Ray
 
 ray_marked = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def loaded(bundle: Path) -> Bundle:
-    return load_bundle(bundle)
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +348,7 @@ def test_serve_cloud_on_ray_stops_on_sigterm_and_takes_ray_with_it(loaded, ray_c
     import ray
 
     assert not ray.is_initialized()
-    command = [sys.executable, "-m", "cartosplit.device_runtime.cli", "serve-cloud", "--bundle", str(loaded.folder)]
+    command = [sys.executable, "-m", "cartosplit", "serve-cloud", "--bundle", str(loaded.folder)]
     command += ["--port", "0", "--format", FP32, "--backend", "ray", "--ray-config", str(ray_config)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -363,8 +363,8 @@ def test_a_knn_router_calibrates_and_exports_as_a_validated_bundle(trained_run, 
     loaded, cfg = load_router(run / "router")
     assert cfg == router_cfg and loaded.references.dtype == torch.float16
     cfg = ExportConfig(run=str(run), out=str(tmp_path / "bundle"), formats=ONNX_ONLY, validation_samples=64)
-    validation = load_bundle(export_bundle(cfg, log=lambda *_: None)).manifest["validation"]["formats"]
+    validation = load_bundle(export_bundle(cfg, log=lambda *_: None)).manifest.validation.formats
     fp32 = validation["onnx-fp32"]
-    assert fp32["passed"] and fp32["agreement"]["router_decisions"] == 1.0
-    assert fp32["max_abs_diff"]["router_logits"] < 1e-4
-    assert validation["onnx-int8"]["passed"]
+    assert fp32.passed and fp32.agreement["router_decisions"] == 1.0
+    assert fp32.max_abs_diff["router_logits"] < 1e-4
+    assert validation["onnx-int8"].passed

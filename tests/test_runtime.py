@@ -8,23 +8,21 @@ import sys
 import numpy as np
 import pytest
 
-from cartosplit.device_runtime.cli import main
+from cartosplit.cli import main
+from cartosplit.device_runtime.numerics import softmax
 from cartosplit.device_runtime.onnx_backend import OnnxSession
 from cartosplit.device_runtime.policy import Policy
 from cartosplit.device_runtime.runtime import DeviceRuntime
-from cartosplit.export.demo import ServerProcess
+from cartosplit.serving.process import start_servers, stop_servers
 
 TEXTS = ["the film was good", "a bad plot", "it is quite dull", "superb actors", "the movie", "nice but boring"]
 
 
 @pytest.fixture(scope="module")
 def servers(bundle):
-    common = ["--bundle", str(bundle), "--port", "0", "--format", "onnx-fp32"]
-    cloud = ServerProcess(["serve-cloud", *common], "cloud")
-    edge = ServerProcess(["serve-edge", *common, "--cloud", cloud.address], "edge")
-    yield edge, cloud
-    edge.stop()
-    cloud.stop()
+    servers = start_servers(bundle)
+    yield servers["edge"], servers["cloud"]
+    stop_servers(servers)
 
 
 def reference_final(bundle, texts):
@@ -39,8 +37,7 @@ def reference_final(bundle, texts):
     for enc in encode(tok, texts):
         t = pad_batch([enc])
         (logits,) = full.run([t["input_ids"], t["attention_mask"], t["token_type_ids"]])
-        z = np.exp(logits[0] - logits[0].max())
-        out.append(z / z.sum())
+        out.append(softmax(logits[0]))
     return np.array(out)
 
 
@@ -75,9 +72,8 @@ def test_easy_inputs_never_leave_the_device(bundle, servers):
 
 
 def test_a_server_killed_mid_run_loses_no_input(bundle):
-    common = ["--bundle", str(bundle), "--port", "0", "--format", "onnx-fp32"]
-    cloud = ServerProcess(["serve-cloud", *common], "cloud")
-    edge = ServerProcess(["serve-edge", *common, "--cloud", cloud.address, "--alpha-edge", "inf"], "edge")
+    servers = start_servers(bundle, edge_args=["--alpha-edge", "inf"])
+    edge, cloud = servers["edge"], servers["cloud"]
     texts = TEXTS * 5
     answers = []
     try:
@@ -92,8 +88,7 @@ def test_a_server_killed_mid_run_loses_no_input(bundle):
                     cloud.process.wait()
                 answers.append(rt.predict([text])[0])
     finally:
-        edge.stop()
-        cloud.stop()
+        stop_servers(servers)
     assert len(answers) == len(texts)
     assert all(a.route == "cloud_via_edge" and not a.degraded for a in answers[:10])
     assert all(a.route == "cloud_direct" and a.tier == "cloud" for a in answers[10:20])
@@ -108,7 +103,7 @@ def test_run_command_streams_jsonl_without_torch(bundle, servers, tmp_path):
     out = tmp_path / "out.jsonl"
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "from cartosplit.device_runtime.cli import main\n"
+        "from cartosplit.cli import main\n"
         f"sys.exit(main(['run', '--bundle', {str(bundle)!r}, '--edge', {edge.address!r}, '--cloud', "
         f"{cloud.address!r}, '--input', {str(source)!r}, '--output', {str(out)!r}]))"
     )

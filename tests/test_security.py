@@ -26,10 +26,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from cartosplit.cli import build_parser
 from cartosplit.cloud_server.server import build_cloud_server
-from cartosplit.cloud_server.tier import JsonFormatter, ServerConfig, TierServer, config_from_args
-from cartosplit.device_runtime.bundle import Bundle, load_bundle
-from cartosplit.device_runtime.cli import build_parser
+from cartosplit.device_runtime.bundle import Bundle
+from cartosplit.device_runtime.numerics import softmax
 from cartosplit.device_runtime.onnx_backend import OnnxSession
 from cartosplit.device_runtime.policy import Policy
 from cartosplit.device_runtime.runtime import DeviceRuntime
@@ -46,6 +46,10 @@ from cartosplit.protos.security import (
     is_loopback,
     read_token,
 )
+from cartosplit.serving.config import ServerConfig
+from cartosplit.serving.flags import config_from_args
+from cartosplit.serving.lifecycle import TierServer
+from cartosplit.serving.logs import JsonFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
 FP32 = "onnx-fp32"
@@ -90,11 +94,6 @@ def tokens(tmp_path_factory) -> dict[str, Path]:
     return {name: folder / name for name in files}
 
 
-@pytest.fixture(scope="module")
-def loaded(bundle: Path) -> Bundle:
-    return load_bundle(bundle)
-
-
 @pytest.fixture()
 def logs():
     """Everything the servers log (the JSON lines they would print), while the test runs."""
@@ -134,8 +133,7 @@ def tokens_request(loaded: Bundle, rid: str = "r") -> pb.InferRequest:
 def expected_probs(loaded: Bundle) -> np.ndarray:
     ids = np.array([[2, 6, 19, 3]], dtype=np.int64)
     (logits,) = OnnxSession(loaded.graph_file("full", FP32)).run([ids, np.ones_like(ids), np.zeros_like(ids)])
-    z = np.exp(logits[0] - logits[0].max())
-    return z / z.sum()
+    return softmax(logits[0])
 
 
 def infer(channel: grpc.Channel, loaded: Bundle, **kwargs) -> pb.InferReply:
@@ -320,7 +318,7 @@ def test_device_edge_cloud_over_tls_and_token(loaded, certs, tokens, logs):
             request_id="e1",
             bundle_id=loaded.bundle_id,
             protocol_version=PROTOCOL_VERSION,
-            depth=loaded.split_points["device"],
+            depth=loaded.split_points.device,
         )
         request.hidden.CopyFrom(encode_tensor(hidden_d, pb.FP32))
         reply = stub.Infer(request, timeout=10)
@@ -389,7 +387,7 @@ def test_bad_files_are_refused_with_their_path_never_their_contents(certs, token
 
 
 def test_command_line_flags_reach_the_settings(certs, tokens):
-    parser = build_parser()
+    parser = build_parser("serve-cloud", "serve-edge", "run")
     args = parser.parse_args(
         [
             "serve-cloud",
@@ -425,7 +423,7 @@ def test_command_line_flags_reach_the_settings(certs, tokens):
 
 def test_servers_refuse_a_plaintext_token_at_start(certs, tokens, bundle):
     """Through the real command lines: a clear error and exit code 2, before any port is bound."""
-    cli = [sys.executable, "-m", "cartosplit.device_runtime.cli"]
+    cli = [sys.executable, "-m", "cartosplit"]
     common = ["--bundle", str(bundle), "--port", "0", "--format", FP32]
     cloud = subprocess.run(
         [*cli, "serve-cloud", *common, "--host", "0.0.0.0", "--token-file", str(tokens["right"])],
@@ -447,8 +445,8 @@ def test_servers_refuse_a_plaintext_token_at_start(certs, tokens, bundle):
 
 def test_the_command_lines_end_to_end(bundle, certs, tokens, tmp_path, monkeypatch):
     """serve-cloud and serve-edge with TLS + token as processes, and `cartosplit run` reaching them."""
-    from cartosplit.device_runtime.cli import main
-    from cartosplit.export.demo import ServerProcess
+    from cartosplit.cli import main
+    from cartosplit.serving.process import ServerProcess
 
     # the device never confident, the edge never either (--alpha-edge inf): every input crosses both links
     monkeypatch.setattr(Policy, "from_dict", staticmethod(lambda _: Policy(alpha_device=math.inf)))

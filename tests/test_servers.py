@@ -27,14 +27,17 @@ from hypothesis import strategies as st
 
 from cartosplit.cloud_server.server import SERVICE_NAME as CLOUD_SERVICE
 from cartosplit.cloud_server.server import build_cloud_server
-from cartosplit.cloud_server.tier import ServerConfig, TierServer
-from cartosplit.device_runtime.bundle import Bundle, load_bundle
+from cartosplit.device_runtime.bundle import Bundle
+from cartosplit.device_runtime.manifest import cloud_graph
+from cartosplit.device_runtime.numerics import softmax
 from cartosplit.device_runtime.onnx_backend import OnnxSession
 from cartosplit.edge_server.server import SERVICE_NAME as EDGE_SERVICE
 from cartosplit.edge_server.server import build_edge_server
 from cartosplit.protos import tiers_pb2 as pb
 from cartosplit.protos import tiers_pb2_grpc as pb_grpc
 from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
+from cartosplit.serving.config import ServerConfig
+from cartosplit.serving.lifecycle import TierServer
 
 FP32 = "onnx-fp32"
 TOL = 1e-5
@@ -50,14 +53,14 @@ class Reference:
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
-        self.sessions = {g: OnnxSession(bundle.graph_file(g, FP32)) for g in bundle.manifest["graphs"]}
+        self.sessions = {g: OnnxSession(bundle.graph_file(g, FP32)) for g in bundle.manifest.graphs}
         split = bundle.split_points
-        self.r, self.d, self.e, self.total = split["router_depth"], split["device"], split["edge"], split["total"]
-        model = bundle.manifest["model"]
+        self.r, self.d, self.e, self.total = split.router_depth, split.device, split.edge, split.total
+        model = bundle.manifest.model
         self.hidden_size, self.vocab_size, self.max_length = (
-            model["hidden_size"],
-            model["vocab_size"],
-            model["max_length"],
+            model.hidden_size,
+            model.vocab_size,
+            model.max_length,
         )
 
     def run(self, graph: str, *arrays: np.ndarray) -> list[np.ndarray]:
@@ -87,13 +90,8 @@ class Reference:
         if depth == 0:
             (logits,) = self.run("full", sample, np.zeros_like(sample))
         else:
-            (logits,) = self.run(f"cloud_from_{depth}", sample)
+            (logits,) = self.run(cloud_graph(depth), sample)
         return softmax(logits)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max())
-    return z / z.sum()
 
 
 def request(
@@ -141,11 +139,6 @@ def closed_port() -> int:
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def loaded(bundle: Path) -> Bundle:
-    return load_bundle(bundle)
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +263,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(loaded, re
         for i, reply in enumerate(replies):
             assert reply.request_id == f"b{i}"
             np.testing.assert_allclose(reply.probabilities, ref.cloud_probs(ref.e, inputs[i]), atol=TOL)
-        graph = f"cloud_from_{ref.e}"
+        graph = cloud_graph(ref.e)
         runs = metric(server, "cartosplit_batch_size_count", tier="cloud", graph=graph)
         assert metric(server, "cartosplit_batch_size_sum", tier="cloud", graph=graph) == 24
         assert runs < 24  # some model run served more than one request
@@ -489,7 +482,7 @@ def test_a_port_in_use_is_an_error(loaded, cloud):
 
 
 def test_serve_cloud_prints_its_address_and_stops_on_sigterm(loaded):
-    command = [sys.executable, "-m", "cartosplit.cloud_server.server", "--bundle", str(loaded.folder), "--port", "0"]
+    command = [sys.executable, "-m", "cartosplit", "serve-cloud", "--bundle", str(loaded.folder), "--port", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -14,7 +14,8 @@ pytest.importorskip("litert_torch", reason="TFLite export needs litert-torch: pi
 
 import torch
 
-from cartosplit.device_runtime.litert_backend import LiteRTSession, bucket_for, pad_to
+from cartosplit.device_runtime.buckets import bucket_for, pad_to
+from cartosplit.device_runtime.litert_backend import LiteRTSession
 from cartosplit.device_runtime.text import encode, load_tokenizer
 
 BUCKET = 16

@@ -8,6 +8,7 @@ example's, ported to Python in docs/android/wordpiece_check.py) is checked again
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -83,15 +84,15 @@ def test_every_device_tflite_file_has_the_signature_the_guide_documents(tflite_b
     bundle = load_bundle(tflite_bundle)
     m = bundle.manifest
     rows = signature_table(GUIDE.read_text(encoding="utf-8"))
-    assert sorted(m["formats"][fmt]["buckets"]) == list(BUCKETS)
+    assert sorted(m.formats[fmt].buckets) == list(BUCKETS)
     checked = 0
     for graph in ("device_head", "device_tail"):
         graph_rows = [r for r in rows if r["graph"] == graph]
         inputs = [r for r in graph_rows if r["tensor"].startswith("args_")]
         outputs = [r for r in graph_rows if r["tensor"].startswith("output_")]
         # the guide's "manifest name" column maps args_i / output_i onto the manifest's named graph interface
-        assert [r["manifest name"] for r in inputs] == m["graphs"][graph]["inputs"]
-        assert [r["manifest name"] for r in outputs] == m["graphs"][graph]["outputs"]
+        assert [r["manifest name"] for r in inputs] == m.graphs[graph].inputs
+        assert [r["manifest name"] for r in outputs] == m.graphs[graph].outputs
         for bucket in BUCKETS:
             path = bundle.graph_file(graph, fmt, bucket)
             assert path.name == f"{graph}_s{bucket}.tflite"  # the naming the guide tells apps to expect
@@ -102,7 +103,7 @@ def test_every_device_tflite_file_has_the_signature_the_guide_documents(tflite_b
             }, path
             runner = interpreter.get_signature_runner(SIGNATURE)
             details = {**runner.get_input_details(), **runner.get_output_details()}
-            sizes = {"S": bucket, "H": m["model"]["hidden_size"], "K": len(m["model"]["labels"])}
+            sizes = {"S": bucket, "H": m.model.hidden_size, "K": len(m.model.labels)}
             for row in graph_rows:
                 detail = details[row["tensor"]]
                 where = f"{path.name} {row['tensor']} (docs/android.md row: {row})"
@@ -121,7 +122,7 @@ def test_the_graphs_run_as_the_guide_says(tflite_bundle):
 
     bundle = load_bundle(tflite_bundle)
     m = bundle.manifest
-    tokenizer = load_tokenizer(bundle.path(m["tokenizer"]), m["model"]["max_length"])
+    tokenizer = load_tokenizer(bundle.path(m.tokenizer), m.model.max_length)
     (ids, types), *_ = encode(tokenizer, ["the movie was very good"])
     length = len(ids)
     results = {}
@@ -136,7 +137,7 @@ def test_the_graphs_run_as_the_guide_says(tflite_bundle):
         head_out = head.get_signature_runner(SIGNATURE)(**feed)
         tail = Interpreter(model_path=str(bundle.graph_file("device_tail", TFLITE_FP32, bucket)))
         tail_out = tail.get_signature_runner(SIGNATURE)(args_0=head_out["output_1"], args_1=feed["args_1"])
-        assert head_out["output_0"].shape == (1, 3) and tail_out["output_1"].shape == (1, len(m["model"]["labels"]))
+        assert head_out["output_0"].shape == (1, 3) and tail_out["output_1"].shape == (1, len(m.model.labels))
         assert all(np.isfinite(v).all() for v in (*head_out.values(), *tail_out.values()))
         results[bucket] = (head_out["output_0"], tail_out["output_0"][0, :length], tail_out["output_1"])
     (r16, h16, l16), (r32, h32, l32) = results[16], results[32]
@@ -147,14 +148,15 @@ def test_the_graphs_run_as_the_guide_says(tflite_bundle):
 
 def test_every_manifest_field_the_guide_names_exists(tflite_bundle):
     manifest = load_bundle(tflite_bundle).manifest
+    layout = json.loads((tflite_bundle / "manifest.json").read_text())  # what an app reads
     fields = [line.strip().lstrip("-").strip().strip("`") for line in _between(GUIDE.read_text(), "manifest-fields")]
     assert len(fields) >= 10
     for path in fields:
-        node = manifest
+        node = layout
         for key in path.split("."):
             assert isinstance(node, dict) and key in node, f"docs/android.md names manifest field {path!r}: missing"
             node = node[key]
-    assert manifest["router"]["groups"] == ["easy", "medium", "hard"]  # the order the guide's policy steps use
+    assert manifest.router.groups == ["easy", "medium", "hard"]  # the order the guide's policy steps use
 
 
 def test_the_guides_wordpiece_gives_the_ids_tokenizers_gives(tiny_model):
