@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cartosplit.device_runtime.bundle import Bundle
+from cartosplit.device_runtime.runtime import DeviceGraphs
 
 
 @dataclass
@@ -31,28 +32,14 @@ class DeviceOutputs:
     tail_s: float  # seconds spent in device_tail (all rows)
 
 
-class DeviceSlice:
-    """``device_head`` then ``device_tail`` of a bundle, in one format (onnx-* or tflite-*)."""
+class DeviceSlice(DeviceGraphs):
+    """``device_head`` then ``device_tail`` of a bundle, in one format (onnx-* or tflite-*), opened as the
+    runtime opens them; :meth:`run` times each graph over a whole batch."""
 
     def __init__(self, bundle: Bundle, fmt: str, threads: int | None = None) -> None:
         if fmt not in bundle.manifest.formats:
             raise ValueError(f"bundle has no {fmt} graphs (formats: {sorted(bundle.manifest.formats)})")
-        self.fmt = fmt
-        if fmt.startswith("onnx"):
-            from cartosplit.device_runtime.onnx_backend import OnnxSession
-
-            self.head = OnnxSession(bundle.graph_file("device_head", fmt), threads)
-            self.tail = OnnxSession(bundle.graph_file("device_tail", fmt), threads)
-            self.buckets: list[int] | None = None
-        else:
-            from cartosplit.device_runtime.litert_backend import LiteRTSession
-
-            self.buckets = sorted(bundle.manifest.formats[fmt].buckets)
-            self.sessions = {
-                (name, b): LiteRTSession(bundle.graph_file(name, fmt, b), threads)
-                for name in ("device_head", "device_tail")
-                for b in self.buckets
-            }
+        super().__init__(bundle, fmt, threads)
 
     def run(self, tokens: dict[str, np.ndarray]) -> DeviceOutputs:
         """``tokens``: ``input_ids``, ``attention_mask``, ``token_type_ids`` [B, S] (as from ``pad_batch``)."""

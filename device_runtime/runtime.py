@@ -64,7 +64,7 @@ class Prediction:
         return asdict(self)
 
 
-class _DeviceGraphs:
+class DeviceGraphs:
     """device_head and device_tail on onnxruntime (exact length) or LiteRT (padded to a bucket)."""
 
     def __init__(self, bundle: Bundle, fmt: str, threads: int | None) -> None:
@@ -210,7 +210,7 @@ class DeviceRuntime:
             raise ValueError(f"encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
         self.encoding = ENCODINGS[encoding]
         self.fmt = fmt
-        self.graphs = _DeviceGraphs(self.bundle, fmt, threads)
+        self.graphs = DeviceGraphs(self.bundle, fmt, threads)
         self.tokenizer = load_tokenizer(self.bundle.path(m.tokenizer), m.model.max_length)
         self.policy = m.policy
         self.split = m.split_points
