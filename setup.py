@@ -27,5 +27,8 @@ PRESENT = {name: folder for name, folder in FOLDERS.items() if (ROOT / folder / 
 setup(
     package_dir=PRESENT,
     packages=list(PRESENT),
-    package_data={"cartosplit.protos": ["*.proto", "*.pyi"], "cartosplit.benchmarks": ["*.json"]},
+    package_data={
+        "cartosplit.protos": ["*.proto", "*.pyi"],
+        "cartosplit.benchmarks": ["*.json", "results/device-profiles/*.json"],
+    },
 )

@@ -7,7 +7,9 @@ milliseconds or joules. Processing cost is per encoder layer on a tier, offloadi
 
 from __future__ import annotations
 
+import importlib.resources
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -16,6 +18,20 @@ import numpy as np
 # Where a sample is answered. The integer codes are used in vectorised policy maths.
 TIER_DEVICE, TIER_EDGE, TIER_CLOUD_VIA_EDGE, TIER_CLOUD_DIRECT = 0, 1, 2, 3
 TIER_NAMES = ("device", "edge", "cloud_via_edge", "cloud_direct")
+
+# Named profiles: the cited device x link profiles `cartosplit bench device-profiles` derives and commits
+# (benchmarks/results/device-profiles/, package data), so `calibrate --costs pi4-wifi` needs no file at hand.
+DEVICE_ALIASES = {
+    "pi-zero-2w": "raspberry-pi-zero-2-w",
+    "pi0": "raspberry-pi-zero-2-w",
+    "pi4": "raspberry-pi-4",
+    "pi5": "raspberry-pi-5",
+    "phone": "phone-cortex-a76",
+    "phone-a76": "phone-cortex-a76",
+}
+LINKS = ("wifi", "lte", "wired")
+UNITS = ("ms", "mJ")
+_NAME = re.compile(r"(?P<device>.+?)-(?:-)?(?P<link>" + "|".join(LINKS) + r")(?:-(?:-)?(?P<unit>ms|mJ))?")
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,14 @@ class CostProfile:
             raise ValueError(f"cost profile {path}: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**raw)
 
+    @classmethod
+    def load(cls, spec: str | Path) -> CostProfile:
+        """A profile file, or a named one (:func:`named_profile_path`) when ``spec`` is no file."""
+        path = Path(spec)
+        if path.is_file() or path.suffix == ".json" or "/" in str(spec):
+            return cls.from_json(path)
+        return cls.from_json(named_profile_path(str(spec)))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -113,3 +137,38 @@ class CostProfile:
     def all_cloud_cost(self, split: SplitPoints) -> float:
         """The baseline: raw input sent to the cloud as token ids, nothing computed on the device."""
         return self.token_hop + split.total * self.cloud_per_layer
+
+
+def _profile_folder() -> Path:
+    # data, not code: the folder ships inside cartosplit.benchmarks (an image without it names no profiles)
+    try:
+        return Path(str(importlib.resources.files("cartosplit.benchmarks"))) / "results" / "device-profiles"
+    except ModuleNotFoundError:
+        return Path("/nonexistent")
+
+
+def profile_names() -> list[str]:
+    """The named profiles this install holds, as ``<device>-<link>[-mJ]`` (short device names where one exists)."""
+    short = {full: alias for alias, full in reversed(DEVICE_ALIASES.items())}
+    names = []
+    for path in sorted(_profile_folder().glob("*--*--*.json")):
+        device, link, unit = path.stem.split("--")
+        names.append(f"{short.get(device, device)}-{link}" + ("" if unit == "ms" else f"-{unit}"))
+    return names
+
+
+def named_profile_path(name: str) -> Path:
+    """``pi4-wifi`` (ms), ``pi4-lte-mJ``, ``raspberry-pi-5-wired``, or a file stem ``raspberry-pi-4--wifi--ms``."""
+    match = _NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(
+            f"cost profile {name!r} is neither a file nor a profile name (<device>-<link>[-mJ]; "
+            f"links {', '.join(LINKS)}); named profiles: {', '.join(profile_names()) or 'none in this install'}"
+        )
+    device = DEVICE_ALIASES.get(match["device"], match["device"])
+    path = _profile_folder() / f"{device}--{match['link']}--{match['unit'] or 'ms'}.json"
+    if not path.is_file():
+        raise ValueError(
+            f"no cost profile named {name!r}; named profiles: {', '.join(profile_names()) or 'none in this install'}"
+        )
+    return path

@@ -42,7 +42,7 @@ ROUTER_FIT_SAMPLES = 20_000  # the router is fitted on a random subset of at mos
 class CalibrateConfig:
     run: str
     router: RouterConfig = field(default_factory=RouterConfig)
-    costs: str | None = None  # JSON cost profile; None = the default unit convention
+    costs: str | None = None  # JSON cost profile or a profile name (pi4-wifi); None = the unit convention
     objective: Objective = field(default_factory=Objective)
     metric: str | None = None  # the set metric of the objective; None = the task's (cartosplit.export.data.TaskSpec)
     guarantee: str = "ltt"  # ltt | crc | none (cartosplit.export.risk_control)
@@ -283,7 +283,7 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
         cfg, data, fitted, path_idx, cert_idx
     )
 
-    profile = CostProfile.from_json(cfg.costs) if cfg.costs else CostProfile()
+    profile = CostProfile.load(cfg.costs) if cfg.costs else CostProfile()
     split = data.model_config.split_points(cfg.router.depth)
     tier_costs = profile.tier_costs(split)
     all_cloud_cost = profile.all_cloud_cost(split)

@@ -155,7 +155,9 @@ def _add_calibrate_options(p: argparse.ArgumentParser) -> None:
         "--costs",
         "--cost-profile",
         dest="costs",
-        help="JSON cost profile (per-layer and per-hop costs, e.g. from `cartosplit bench cost-profile`); "
+        help="JSON cost profile (per-layer and per-hop costs, e.g. from `cartosplit bench cost-profile` or "
+        "`bench device`), or a named cited profile: <device>-<link>[-mJ], devices pi-zero-2w, pi4, pi5, phone, "
+        "links wifi, lte, wired, e.g. pi4-wifi or phone-lte-mJ (benchmarks/results/device-profiles); "
         "default: unit convention",
     )
     c.add_argument("--objective", choices=("max-drop", "reward"), default="max-drop", help="(default: max-drop)")

@@ -191,3 +191,34 @@ def test_main_refuses_an_unknown_power_profile(latency, wire, tmp_path):
     argv = ["--latency", str(tmp_path / "latency.json"), "--bytes", str(tmp_path / "bytes.json")]
     with pytest.raises(SystemExit, match="no power profile"):
         cost_profile.main([*argv, "--power-profile", "toaster", "--out-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [
+        ("pi4-wifi", "raspberry-pi-4--wifi--ms"),
+        ("pi4-lte-mJ", "raspberry-pi-4--lte--mJ"),
+        ("pi-zero-2w-wired", "raspberry-pi-zero-2-w--wired--ms"),
+        ("raspberry-pi-5-wifi", "raspberry-pi-5--wifi--ms"),
+        ("phone-lte", "phone-cortex-a76--lte--ms"),
+        ("raspberry-pi-4--wifi--ms", "raspberry-pi-4--wifi--ms"),
+    ],
+)
+def test_a_named_profile_loads_the_committed_cited_profile(name, stem):
+    from cartosplit.device_runtime.costs import CostProfile, named_profile_path
+
+    path = named_profile_path(name)
+    assert path.stem == stem
+    assert CostProfile.load(name) == CostProfile.from_json(path)
+
+
+def test_an_unknown_profile_name_lists_the_known_ones(tmp_path):
+    from cartosplit.device_runtime.costs import CostProfile, profile_names
+
+    assert "pi4-wifi" in profile_names() and "pi5-lte-mJ" in profile_names()
+    with pytest.raises(ValueError, match=r"no cost profile named 'pi9-wifi'.*pi4-wifi"):
+        CostProfile.load("pi9-wifi")
+    with pytest.raises(ValueError, match="neither a file nor a profile name"):
+        CostProfile.load("fastest")
+    with pytest.raises(ValueError, match="does not exist"):
+        CostProfile.load(tmp_path / "missing.json")

@@ -83,7 +83,12 @@ def test_pip_install_puts_only_cartosplit_into_site_packages(tmp_path: Path) -> 
         name.split(".")[1] for name in _folders() if "." in name
     }
     # package data the runtime and the benchmarks read
-    for data in ("protos/tiers.proto", "benchmarks/device_profiles.json", "benchmarks/power_profiles.json"):
+    for data in (
+        "protos/tiers.proto",
+        "benchmarks/device_profiles.json",
+        "benchmarks/power_profiles.json",
+        "benchmarks/results/device-profiles/raspberry-pi-4--wifi--ms.json",  # calibrate --costs pi4-wifi
+    ):
         assert (installed / data).is_file(), f"{data} is not in the installed package"
     done = _python_without_the_checkout(site_dir, "import cartosplit, cartosplit.protos.tiers_pb2; print('ok')")
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
