@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,10 @@ def test_dockerfiles_start_real_subcommands_from_a_pinned_non_root_image(name, s
         *sources, _ = shlex.split(copy)
         for source in sources:
             assert (ROOT / source).exists(), f"{name}: COPY {source} is not in the repository"
+
+
+def test_verify_aarch64_help_prints_its_header_and_options_only():
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "verify-aarch64"), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "set -euo pipefail" not in done.stdout  # the header's sed range once ran one line too far
+    assert done.stdout.startswith("Verify the device tier on aarch64") and "--bundle DIR" in done.stdout
