@@ -26,6 +26,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "export-formats": ("cartosplit.benchmarks.export_formats", "dev accuracy and device latency per exported format"),
     "latency": ("cartosplit.benchmarks.latency", "device/edge/cloud slice latency per runtime, batch and length"),
+    "device": (
+        "cartosplit.benchmarks.device_bench",
+        "on the device itself, no torch: latency per format, cold start, peak RSS, energy, advice, costs",
+    ),
     "bytes": (
         "cartosplit.benchmarks.wire_bytes",
         "bytes per offloaded sample per activation encoding, accuracy change",
@@ -41,6 +45,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "fuzz": ("cartosplit.benchmarks.fuzz_server", "malformed requests against live servers"),
     "load": ("cartosplit.benchmarks.load", "many concurrent device runtimes against live servers"),
+    "tier-bundles": (
+        "cartosplit.benchmarks.tier_bundles",
+        "device tier bundle vs full bundle: bytes held vs loaded, start-up time",
+    ),
     "cloud-scale": (
         "cartosplit.benchmarks.cloud_scale",
         "the cloud tier plain vs on Ray Serve (1, 2 replicas): latency, memory",

@@ -162,7 +162,7 @@ def build_ms_profile(latency: dict, wire: dict, links: dict[str, LinkSpec], sel:
 
 def device_energy_per_layer(latency: dict, sel: Selection, profile_name: str, profile: dict) -> tuple[float, str]:
     """mJ per device layer per sample: a measured figure from the latency report if there is one, else estimated."""
-    from cartosplit.benchmarks.latency import profile_watts
+    from cartosplit.benchmarks.energy import profile_watts
 
     d = latency["split_points"]["device"]
     row = _row(latency, tier="device", key=sel.device_key, batch=sel.batch, length=sel.length, threads=sel.threads)
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cartosplit.benchmarks.latency import POWER_PROFILES, load_power_profiles
+    from cartosplit.benchmarks.energy import POWER_PROFILES, load_power_profiles
     from cartosplit.device_runtime.costs import SplitPoints
 
     args = build_parser().parse_args(argv)

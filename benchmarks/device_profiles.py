@@ -136,7 +136,7 @@ def device_profile(
     ``host_gflops`` is this machine's figure measured with ``threads`` threads, the thread count ``base`` was
     measured with; ``wire`` is the bytes report the hops are priced from.
     """
-    from cartosplit.benchmarks.latency import profile_watts
+    from cartosplit.benchmarks.energy import profile_watts
 
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")

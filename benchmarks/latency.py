@@ -22,28 +22,35 @@ FLOPs are analytic (``matmul_flops``: the matrix products of the encoder layers 
 at that batch x length); achieved GFLOPS = FLOPs / p50. The peak is numpy float32 matmul (``--gemm-n``
 square, best of ``--gemm-repeats``) with the same threads, measured in the same run.
 
-Energy (``--energy``): measured when a meter is readable (Linux RAPL powercap package counters, or an
-INA2xx power sensor under hwmon, e.g. on a Pi), else ESTIMATED for each profile in
-``benchmarks/power_profiles.json`` as this machine's mean time x that device's watts. Such an estimate
-multiplies x86 time by a Pi's or a phone's power: it is not a measurement on that device (which is
-slower), only a cost profile to calibrate with until one is measured. Every figure says which it is.
-"""
+Energy (``--energy``): measured when a meter is readable (Linux RAPL powercap package counters, an INA2xx or
+INA3221 sensor under hwmon, e.g. on a Pi, or a battery's power_supply readings:
+``cartosplit.benchmarks.energy``), else ESTIMATED for each profile in ``benchmarks/power_profiles.json`` as
+this machine's mean time x that device's watts. Such an estimate multiplies x86 time by a Pi's or a phone's
+power: it is not a measurement on that device (which is slower), only a cost profile to calibrate with until
+one is measured. Every figure says which it is."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cartosplit.benchmarks.energy import (  # noqa: F401  (the meter API, re-exported for its users)
+    INA_NAME,
+    POWER_PROFILES,
+    EnergyMeter,
+    MeterSpec,
+    estimate_energy,
+    find_meters,
+    load_power_profiles,
+    profile_watts,
+)
 from cartosplit.benchmarks.report import bench_command, bench_parser, publish, pyplot
 from cartosplit.benchmarks.timing import DeviceSlice, available_cores, pinned, summarize_ms, time_calls
 from cartosplit.device_runtime.manifest import FULL, cloud_graph_depth
@@ -51,7 +58,6 @@ from cartosplit.device_runtime.manifest import FULL, cloud_graph_depth
 DEVICE_RUNTIMES = ("torch-fp32", "onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8")
 SERVER_FORMATS = ("onnx-fp32", "onnx-int8")
 RUNTIME_NAMES = {"torch": "torch eager", "onnx": "onnxruntime", "tflite": "LiteRT"}
-POWER_PROFILES = Path(__file__).with_name("power_profiles.json")
 ROUTER_OUTPUTS = 3  # easy / medium / hard
 
 
@@ -175,162 +181,6 @@ def sgemm_peak(threads: int, n: int = 1024, repeats: int = 10, seed: int = 0) ->
         "best_gflops": flops / min(seconds) / 1e9,
         "median_gflops": flops / float(np.median(seconds)) / 1e9,
         "blas_threads": note,
-    }
-
-
-# -- energy meters --------------------------------------------------------------------------------------------
-
-INA_NAME = re.compile(r"ina\d+.*")  # ina219, ina226, ina2xx, ina3221, ... (hwmon "name" files)
-
-
-@dataclass
-class MeterSpec:
-    kind: str  # "rapl" or "hwmon"
-    paths: list[Path]  # energy_uj counters (rapl) or power*_input files (hwmon)
-    description: str
-    wrap_uj: list[int] = field(default_factory=list)  # rapl: max_energy_range_uj per counter
-
-
-def _readable_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def find_meters(root: str | Path = "/") -> list[MeterSpec]:
-    """Readable energy meters under ``root`` (a fake tree in tests): RAPL package domains, INA2xx hwmon."""
-    root = Path(root)
-    found = []
-    counters, wraps, names = [], [], []
-    for domain in sorted((root / "sys/class/powercap").glob("intel-rapl:*")):
-        if not re.fullmatch(r"intel-rapl:\d+", domain.name):  # sub-domains (core, dram) are inside a package
-            continue
-        if _readable_int(domain / "energy_uj") is None:
-            continue
-        counters.append(domain / "energy_uj")
-        wraps.append(_readable_int(domain / "max_energy_range_uj") or 0)
-        names.append((domain / "name").read_text().strip() if (domain / "name").is_file() else domain.name)
-    if counters:
-        found.append(MeterSpec("rapl", counters, "RAPL " + " + ".join(names) + " (whole package(s))", wraps))
-    for hwmon in sorted((root / "sys/class/hwmon").glob("hwmon*")):
-        name_file = hwmon / "name"
-        name = name_file.read_text().strip() if name_file.is_file() else ""
-        if not INA_NAME.fullmatch(name):
-            continue
-        inputs = [p for p in sorted(hwmon.glob("power*_input")) if _readable_int(p) is not None]
-        if inputs:
-            found.append(MeterSpec("hwmon", inputs, f"{name} power sensor ({hwmon.name}: {len(inputs)} input(s))"))
-    return found
-
-
-class EnergyMeter:
-    """Joules between ``start()`` and ``stop()``: RAPL counter deltas, or hwmon power sampled and integrated."""
-
-    def __init__(self, spec: MeterSpec, interval_s: float = 0.005) -> None:
-        self.spec = spec
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._start_uj: list[int] = []
-        self._samples: list[tuple[float, float]] = []
-
-    def _power_w(self) -> float:
-        return sum((_readable_int(p) or 0) for p in self.spec.paths) / 1e6  # hwmon power is in microwatts
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._samples.append((time.perf_counter(), self._power_w()))
-            self._stop.wait(self.interval_s)
-
-    def start(self) -> None:
-        if self.spec.kind == "rapl":
-            self._start_uj = [_readable_int(p) or 0 for p in self.spec.paths]
-            return
-        self._samples = [(time.perf_counter(), self._power_w())]
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> float:
-        if self.spec.kind == "rapl":
-            total = 0
-            for path, before, wrap in zip(self.spec.paths, self._start_uj, self.spec.wrap_uj, strict=True):
-                after = _readable_int(path) or 0
-                total += after - before if after >= before else after + wrap - before  # the counter wrapped
-            return total / 1e6
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._samples.append((time.perf_counter(), self._power_w()))
-        times = np.array([t for t, _ in self._samples])
-        watts = np.array([w for _, w in self._samples])
-        return float(np.sum((watts[1:] + watts[:-1]) / 2 * np.diff(times)))  # trapezoid rule
-
-
-# -- power profiles (estimates) ---------------------------------------------------------------------------------
-
-
-def load_power_profiles(path: str | Path = POWER_PROFILES) -> dict[str, dict]:
-    """Profiles by name, checked: positive watts keyed by core count or "all", and at least one cited source."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"power profiles {path} do not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"power profiles {path} are not valid JSON: {exc}") from None
-    profiles = raw.get("profiles") if isinstance(raw, dict) else None
-    if not isinstance(profiles, dict) or not profiles:
-        raise ValueError(f"{path}: expected an object with a non-empty 'profiles' object")
-    for name, profile in profiles.items():
-        active = profile.get("active_w")
-        if not isinstance(active, dict) or not active:
-            raise ValueError(f"{path}: profile {name!r} needs active_w, e.g. {{'all': 6.1}} or {{'1': 1.8}}")
-        for key, watts in active.items():
-            if key != "all" and not (key.isdigit() and int(key) >= 1):
-                raise ValueError(f"{path}: profile {name!r}: active_w key {key!r} is not a core count or 'all'")
-            if not isinstance(watts, (int, float)) or not watts > 0:
-                raise ValueError(f"{path}: profile {name!r}: active_w[{key!r}] must be a positive number of watts")
-        idle = profile.get("idle_w")
-        if idle is not None and (not isinstance(idle, (int, float)) or idle < 0):
-            raise ValueError(f"{path}: profile {name!r}: idle_w must be null or >= 0")
-        sources = profile.get("sources")
-        if not isinstance(sources, list) or not sources or not all(s.get("url") for s in sources):
-            raise ValueError(f"{path}: profile {name!r} cites no source (each source needs a url)")
-    return profiles
-
-
-def profile_watts(profile: dict, threads: int) -> tuple[float, str]:
-    """Active watts for ``threads`` busy cores, and which figure that is.
-
-    An exact core count if the profile has one; else the next larger count, or the all-core figure (an
-    upper bound for fewer cores); else the largest count given.
-    """
-    active = profile["active_w"]
-    if str(threads) in active:
-        return float(active[str(threads)]), f"{threads}-core figure"
-    counts = sorted(int(k) for k in active if k != "all")
-    above = [c for c in counts if c > threads]
-    if above:
-        return float(active[str(above[0])]), f"{above[0]}-core figure for {threads} thread(s) (upper bound)"
-    if "all" in active:
-        return float(active["all"]), f"all-core figure for {threads} thread(s) (upper bound)"
-    return float(active[str(counts[-1])]), f"{counts[-1]}-core figure for {threads} thread(s) (more cores busy)"
-
-
-def estimate_energy(mean_ms: float, batch: int, name: str, profile: dict, threads: int) -> dict:
-    """An ESTIMATED figure: this machine's mean call time x the profile's active watts (ms x W = mJ)."""
-    watts, which = profile_watts(profile, threads)
-    per_call = mean_ms * watts
-    return {
-        "label": "estimated",
-        "profile": name,
-        "watts": watts,
-        "watts_figure": which,
-        "basis": f"mean time on this machine x {name} active watts ({profile.get('basis', '')}); not measured there",
-        "mj_per_call": per_call,
-        "mj_per_sample": per_call / batch,
     }
 
 
@@ -597,7 +447,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         else:
             profiles = load_power_profiles(args.power_profiles)
             energy_note = (
-                "No readable meter (no RAPL powercap energy_uj, no INA2xx hwmon power input): every energy "
+                "No readable meter (no RAPL powercap energy_uj, no INA2xx/INA3221 hwmon input, no power_supply "
+                "power_now/current_now): every energy "
                 f"figure is ESTIMATED as measured time x the watts of a profile in {args.power_profiles}."
             )
     ctx = Context(split, hidden, width, len(m.model.labels), settings, meter, profiles, args.energy)

@@ -66,13 +66,22 @@ def publish(
     markdown: Callable[[dict], list[str]],
     plot: Callable[[dict, Path], None] | None = None,
 ) -> dict:
-    """:func:`write_report`, then the Markdown on stdout; with ``plot``, ``<out>.png`` first (its path recorded
-    as ``report["plot"]``, which the Markdown links)."""
+    """:func:`write_report`, then the Markdown on stdout; with ``plot``, ``<out>.png`` too (its path recorded
+    as ``report["plot"]``, which the Markdown links, and both files written again).
+
+    The JSON and the Markdown are written before the plot, so a measurement is never lost to it; without
+    matplotlib (a device install) the PNG is skipped with one line on stderr."""
+    written = write_report(report, out, command, markdown)
     if plot is not None:
         png = Path(out).with_suffix(".png")
-        png.parent.mkdir(parents=True, exist_ok=True)
-        plot(report, png)
-        report["plot"] = str(png)
-    written = write_report(report, out, command, markdown)
+        try:
+            plot(report, png)
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("matplotlib"):
+                raise
+            print(f"{png}: not drawn, matplotlib is not installed (the JSON and Markdown are written)", file=sys.stderr)
+        else:
+            report["plot"] = str(png)
+            written = write_report(report, out, command, markdown)
     print("\n".join(markdown(written)))
     return written

@@ -21,6 +21,8 @@ Workflow on a workstation:
   cartosplit export --run runs/sst2 --out bundles/sst2
                                             ONNX (fp32, int8) + TFLite slices, validated, in a hashed bundle
   cartosplit inspect bundles/sst2           verify a bundle and print its manifest readably
+  cartosplit bundle split bundles/sst2 --tier device --formats tflite-int8
+                                            only what the device opens, in bundles/sst2-device (no torch)
 
 Serving (no torch needed):
   cartosplit serve-cloud --bundle B --port 50052
@@ -104,6 +106,19 @@ COMMANDS: dict[str, Command] = {
             "figures and files. Needs no torch.",
         ),
         Command(
+            "bundle",
+            "tier bundles: `bundle split` cuts from a full bundle what one tier opens",
+            "cartosplit.device_runtime.tier_bundles",
+            "add_bundle_arguments",
+            "cmd_bundle",
+            "device",
+            "`cartosplit bundle split SOURCE --tier device|edge|cloud [--formats F,...] [--out DIR]`: copy from a "
+            "full bundle only the graphs one tier opens (device: device_head, device_tail and the tokenizer; edge: "
+            "edge; cloud: cloud_from_* and full), in the formats asked, into a bundle whose manifest hashes only "
+            "those files and names the tier and its source bundle's id. A device, an edge and a cloud bundle cut "
+            "from one export work together; bundles of different exports refuse each other. Needs no torch.",
+        ),
+        Command(
             "serve-cloud",
             "serve the cloud tier: the rest of the model from any entry depth, and the full model from tokens",
             "cartosplit.cloud_server.server",
@@ -159,11 +174,13 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "bench",
-            "run a committed benchmark (tradeoff, latency, bytes, e2e, ...)",
+            "run a committed benchmark (tradeoff, latency, bytes, e2e, device, ...)",
             "cartosplit.benchmarks.cli",
             "add_arguments",
             "run",
-            "export",  # most benchmarks measure the exported model with torch beside it
+            # most benchmarks measure the exported model with torch beside it; the table module imports nothing,
+            # so `bench device` (numpy, onnxruntime, LiteRT: the device extra) runs on a device install
+            "export",
             own_help=True,
         ),
         Command(

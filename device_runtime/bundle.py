@@ -2,6 +2,12 @@
 
 Loading verifies the schema version and every file's size and hash before anything runs, so a
 tampered, truncated or missing file is refused with a clear error instead of producing wrong answers.
+A tier bundle (``cartosplit bundle split``) lists only its tier's files, so only those are read and hashed.
+
+Ids: ``Bundle.manifest_sha256`` is the sha256 of this folder's manifest.json; ``Bundle.bundle_id``, which every
+request carries and every server compares with its own, is the lineage id: a full bundle's own sha256, or the
+``source_bundle`` a tier bundle was cut from. So a device, an edge and a cloud bundle cut from one export work
+together, and bundles of different exports refuse each other.
 Torch-free: phones, boards and servers all load bundles through this module.
 """
 
@@ -22,9 +28,11 @@ from cartosplit.device_runtime.manifest import (  # noqa: F401
     SCHEMA_VERSION,
     TFLITE_FP32,
     TFLITE_INT8,
+    TIERS,
     BundleError,
     FileEntry,
     Manifest,
+    named_tier,
 )
 
 MANIFEST_FILE = "manifest.json"
@@ -49,7 +57,27 @@ def file_entries(folder: Path, relpaths: list[str]) -> dict[str, FileEntry]:
 class Bundle:
     folder: Path
     manifest: Manifest
-    bundle_id: str = ""  # sha256 of manifest.json: every tier must serve the same bundle
+    bundle_id: str = ""  # the lineage id requests carry: a full bundle's manifest sha256, a tier bundle's source
+    manifest_sha256: str = ""  # sha256 of this folder's manifest.json (for a full bundle: its bundle_id)
+
+    @property
+    def tier(self) -> str | None:
+        """The one tier a tier bundle serves; None for a full bundle (every tier)."""
+        return self.manifest.tier
+
+    def serves(self, tier: str) -> bool:
+        return self.manifest.tier in (None, tier)
+
+    def require_tier(self, tier: str) -> None:
+        """Refuse, naming both tiers, a tier bundle cut for another tier than ``tier`` (device, edge or cloud)."""
+        if tier not in TIERS:
+            raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
+        if not self.serves(tier):
+            raise BundleError(
+                f"{self.folder} is {named_tier(self.tier)} tier bundle (cut from bundle {self.bundle_id[:12]}): "
+                f"the {tier} needs the full bundle or {named_tier(tier)} tier bundle "
+                f"(cartosplit bundle split FULL --tier {tier})"
+            )
 
     @property
     def split_points(self) -> SplitPoints:
@@ -90,7 +118,8 @@ def load_bundle(folder: str | Path, verify: bool = True) -> Bundle:
                 raise BundleError(f"{folder}: {rel} has {size} bytes, the manifest says {entry.size} (truncated?)")
             if sha256_file(path) != entry.sha256:
                 raise BundleError(f"{folder}: {rel} does not match its sha256 in the manifest (modified or corrupt)")
-    return Bundle(folder, manifest, hashlib.sha256(manifest_path.read_bytes()).hexdigest())
+    own = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+    return Bundle(folder, manifest, manifest.source_bundle or own, own)
 
 
 def describe(bundle: Bundle) -> str:
@@ -100,6 +129,14 @@ def describe(bundle: Bundle) -> str:
     lines = [
         f"bundle {bundle.folder}  (schema {m.schema_version}, cartosplit {m.cartosplit_version or '?'}, "
         f"created {m.created or '?'})",
+        "tier     "
+        + (
+            "full bundle: serves the device, the edge and the cloud"
+            if m.tier is None
+            else f"{m.tier} tier bundle: serves the {m.tier} only; cut from bundle {m.source_bundle}"
+        ),
+        f"id       {bundle.bundle_id} (requests carry it)"
+        + ("" if bundle.manifest_sha256 == bundle.bundle_id else f"; manifest.json sha256 {bundle.manifest_sha256}"),
         f"model    {model.id}  task {model.task}  labels {model.labels}",
         f"         {sp.total} layers x {model.hidden_size}, max length {model.max_length}, pooling {model.pooling}",
         f"split    router after layer {sp.router_depth}, device exit after {sp.device}, "

@@ -28,7 +28,21 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend", choices=("onnxruntime", "litert"), default="onnxruntime", help="(default: %(default)s)"
     )
-    parser.add_argument("--format", help="graph format, e.g. onnx-int8, tflite-int8 (default: int8 of the backend)")
+    parser.add_argument(
+        "--format",
+        help="graph format: onnx-int8, onnx-fp32, tflite-int8, tflite-fp32, or auto (from this CPU's features and "
+        "what the bundle holds; the backend follows the format) (default: int8 of the backend)",
+    )
+    parser.add_argument(
+        "--advice",
+        metavar="JSON",
+        help="with --format auto: a `cartosplit bench device` result measured on this machine; its advice wins",
+    )
+    parser.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="onnxruntime without its memory arena and memory-pattern planner: ~5%% less peak memory, ~5%% slower",
+    )
     parser.add_argument("--encoding", choices=("fp32", "fp16", "int8"), default="fp16", help="activations on the wire")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds per remote call (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads for the device graphs")
@@ -108,7 +122,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         encoding=args.encoding,
         security=security,
+        low_memory=args.low_memory,
+        advice=args.advice,
     )
+    if args.format == "auto":
+        print(f"cartosplit run: --format auto chose {runtime.fmt}: {runtime.format_reason}", file=sys.stderr)
     failed = total = 0
     with runtime:
         source = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
@@ -172,6 +190,7 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
         runtime = service.build_runtime(config)
         runtime.close()
         summary = {**service.describe_config(config), "bundle_id": runtime.bundle.bundle_id, "format": runtime.fmt}
+        summary["format_reason"] = runtime.format_reason
         print(json.dumps(summary))
         return 0
     return service.serve(config)

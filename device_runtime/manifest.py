@@ -8,8 +8,15 @@
 Unknown keys are refused in the typed sections: a typo or a field of a newer exporter must not silently
 fall back to a default. The report sections, written for people and never read by a tier (the router's
 fit report, the calibration objective and guarantee), are kept as written. A manifest lacking an optional
-field gains it, with its default, in ``to_dict`` (but ``model.vocab_size``, which servers need to see absent).
+field gains it, with its default, in ``to_dict`` (but ``model.vocab_size``, which servers need to see absent,
+and ``tier``, ``source_bundle`` and ``tokenizer``, left out while None: a full bundle's bytes, and so its id,
+stay as they were before tier bundles existed).
 How problems are collected: ``cartosplit.device_runtime.json_checks``.
+
+Tier bundles: a full bundle (no ``tier``) holds every graph; a tier bundle, cut from one
+(``cartosplit.device_runtime.tier_bundles``), holds only what one tier opens (``graphs_of_tier``), names that
+tier and its ``source_bundle`` (the full bundle's id), and may omit the tokenizer when it is the edge's or the
+cloud's.
 
 Torch-free: the exporter builds a ``Manifest``; phones, boards and servers read one.
 """
@@ -55,6 +62,7 @@ class BundleError(ValueError):
 
 DEVICE_HEAD, DEVICE_TAIL, EDGE, FULL = "device_head", "device_tail", "edge", "full"
 DEVICE_GRAPHS = (DEVICE_HEAD, DEVICE_TAIL)  # what a phone runs; the only graphs exported to TFLite
+EDGE_GRAPHS = (EDGE,)
 _CLOUD = re.compile(r"cloud_from_(\d+)")
 
 
@@ -70,6 +78,42 @@ def cloud_graph_depth(graph: str) -> int | None:
     """The depth a ``cloud_graph`` starts from; None for every other graph."""
     match = _CLOUD.fullmatch(graph)
     return int(match.group(1)) if match else None
+
+
+def cloud_graphs_by_depth(split: SplitPoints) -> dict[int, str]:
+    """Entry depth -> the cloud's graph: the edge split e and the router depth r (when r > 0) take hidden
+    states (``cloud_from_<depth>``), depth 0 takes tokens (``full``, the all-cloud path)."""
+    graphs = {0: FULL}
+    for depth in (split.edge, split.router_depth):
+        if depth > 0:
+            graphs[depth] = cloud_graph(depth)
+    return graphs
+
+
+# --- tiers and the graphs their bundles hold ----------------------------------------------------------------
+
+# A full bundle (manifest ``tier`` absent) holds every graph and serves every tier; a tier bundle, cut from a
+# full one (``cartosplit bundle split``), holds one tier's graphs and names the full bundle in ``source_bundle``.
+DEVICE_TIER, EDGE_TIER, CLOUD_TIER = "device", "edge", "cloud"
+TIERS = (DEVICE_TIER, EDGE_TIER, CLOUD_TIER)
+TOKENIZER_TIERS = (DEVICE_TIER,)  # the only tier that reads text; edge and cloud tier bundles may omit it
+
+
+def named_tier(tier: str) -> str:
+    """``a device`` / ``an edge``: the tier with its article, for messages."""
+    return f"{'an' if tier[:1] in 'aeiou' else 'a'} {tier}"
+
+
+def graphs_of_tier(tier: str, split: SplitPoints) -> tuple[str, ...]:
+    """The graphs a tier opens, hence what its tier bundle holds: the device ``device_head`` and ``device_tail``
+    (and the tokenizer), the edge ``edge``, the cloud ``cloud_from_<e>``, ``cloud_from_<r>`` (r > 0) and ``full``."""
+    if tier == DEVICE_TIER:
+        return DEVICE_GRAPHS
+    if tier == EDGE_TIER:
+        return EDGE_GRAPHS
+    if tier == CLOUD_TIER:
+        return tuple(cloud_graphs_by_depth(split).values())
+    raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
 
 
 def format_folder(fmt: str) -> str:
@@ -346,13 +390,18 @@ _OPTIONAL = {"router": RouterInfo.read, "validation": Validation.read, "exporter
 class Manifest:
     """``manifest.json``; the field order is the file's key order."""
 
+    # fields left out of manifest.json while None: a full bundle's manifest (and so its id) is as it always was
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("tier", "source_bundle", "tokenizer")
+
     schema_version: int = SCHEMA_VERSION
     cartosplit_version: str | None = None
-    created: str | None = None  # ISO 8601, UTC, to the second
+    created: str | None = None  # ISO 8601, UTC, to the second (a tier bundle keeps its source's)
+    tier: str | None = None  # None: a full bundle, for every tier; else the one tier (TIERS) this bundle serves
+    source_bundle: str | None = None  # a tier bundle's lineage: the id (manifest sha256) of the full bundle
     model: ModelInfo
     split_points: SplitPoints
     router: RouterInfo | None = None
-    tokenizer: str  # path of tokenizer.json in the bundle
+    tokenizer: str | None  # path of tokenizer.json in the bundle; None only in an edge or cloud tier bundle
     policy: Policy
     cost_profile: CostProfile
     calibration_objective: dict | None = None  # as the calibration reported it
@@ -393,11 +442,15 @@ class Manifest:
         values: dict[str, Any] = {"schema_version": version}
         for key in ("cartosplit_version", "created"):
             values[key] = p.take(raw, "", key, nullable(STR), required=False)
+        values["tier"], values["source_bundle"] = _lineage(raw, p)
         for key, read in _REQUIRED.items():
             values[key] = read(raw[key], key, p) if key in raw else p.take(raw, "", key)
         for key, read in _OPTIONAL.items():
             values[key] = read(raw[key], key, p) if raw.get(key) is not None else None
-        values["tokenizer"] = p.take(raw, "", "tokenizer", STR)
+        if values["tier"] in TOKENIZER_TIERS or values["tier"] is None:  # a full or device bundle reads text
+            values["tokenizer"] = p.take(raw, "", "tokenizer", STR)
+        else:
+            values["tokenizer"] = p.take(raw, "", "tokenizer", nullable(STR), required=False)
         for key in ("calibration_objective", "calibration_guarantee"):
             values[key] = copy.deepcopy(p.take(raw, "", key, nullable(OBJECT), required=False))
         values["formats"] = _formats(raw.get("formats", {}), p)
@@ -406,13 +459,19 @@ class Manifest:
         p.only(raw, "", [f.name for f in fields(cls)])
         if not p.found:
             _check_listed(values, p)
+        if not p.found and values["tier"] is not None:
+            _check_tier(values, p)
         if p.found:
             raise BundleError(f"{source}: " + "; ".join(p.found))
         return cls(**values)
 
     def to_dict(self) -> dict:
         """The JSON layout of manifest.json, in fresh objects (changing them leaves the manifest as it is)."""
-        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+        return {
+            f.name: plain(getattr(self, f.name))
+            for f in fields(self)
+            if not (f.name in self.OMIT_IF_NONE and getattr(self, f.name) is None)
+        }
 
 
 def _check_listed(values: dict, problems: Problems) -> None:
@@ -422,5 +481,43 @@ def _check_listed(values: dict, problems: Problems) -> None:
         for rel in spec.paths():
             if rel not in listed:
                 problems.add(f"graph {graph!r} uses {rel}, which has no size/sha256 entry")
-    if values["tokenizer"] not in listed:
+    if values["tokenizer"] is not None and values["tokenizer"] not in listed:
         problems.add("the tokenizer file has no size/sha256 entry")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _lineage(raw: dict, problems: Problems) -> tuple[str | None, str | None]:
+    """``tier`` and ``source_bundle``: both absent (a full bundle) or both set (a tier bundle)."""
+    tier = problems.take(raw, "", "tier", nullable(STR), required=False)
+    source = problems.take(raw, "", "source_bundle", nullable(STR), required=False)
+    if tier is not None and tier not in TIERS:
+        problems.add(f"tier {tier!r} is not a tier (known: {', '.join(TIERS)})")
+    if source is not None and not _SHA256.fullmatch(source):
+        problems.add(f"source_bundle must be a bundle id (64 lowercase hex digits), got {source[:70]!r}")
+    if (tier is None) != (source is None):
+        problems.add(
+            "a tier bundle names both its tier and its source_bundle, a full bundle neither; "
+            f"this manifest has {'tier' if tier is not None else 'source_bundle'} only"
+        )
+    return tier, source
+
+
+def _check_tier(values: dict, problems: Problems) -> None:
+    """A tier bundle holds exactly its tier's graphs, each in every format its ``formats`` lists and no other."""
+    tier, graphs, formats = values["tier"], values["graphs"], set(values["formats"])
+    wanted = graphs_of_tier(tier, values["split_points"])
+    missing, foreign = [g for g in wanted if g not in graphs], [g for g in graphs if g not in wanted]
+    if missing:
+        problems.add(f"{named_tier(tier)} tier bundle needs graphs {missing}, which it lacks")
+    if foreign:
+        problems.add(f"{named_tier(tier)} tier bundle holds only {list(wanted)}, not {foreign}")
+    if not formats:
+        problems.add(f"{named_tier(tier)} tier bundle lists no format")
+    for graph, spec in graphs.items():
+        held = set(spec.formats())
+        if held != formats:
+            problems.add(
+                f"graph {graph!r} of a tier bundle is held in {sorted(held)}, but formats lists {sorted(formats)}"
+            )

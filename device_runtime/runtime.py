@@ -30,6 +30,7 @@ from cartosplit.device_runtime.costs import (
     TIER_EDGE,
     TIER_NAMES,
 )
+from cartosplit.device_runtime.cpu_features import AUTO, choose_format, passed_formats, read_advice, read_cpu_features
 from cartosplit.device_runtime.numerics import softmax
 from cartosplit.device_runtime.policy import device_decision, leaves_for_cloud
 from cartosplit.device_runtime.text import encode, load_tokenizer, pad_batch
@@ -65,22 +66,28 @@ class Prediction:
 
 
 class DeviceGraphs:
-    """device_head and device_tail on onnxruntime (exact length) or LiteRT (padded to a bucket)."""
+    """device_head and device_tail on onnxruntime (exact length) or LiteRT (padded to a bucket).
 
-    def __init__(self, bundle: Bundle, fmt: str, threads: int | None) -> None:
+    ``low_memory``: False (onnxruntime's settings), True (the low-memory ones), or a preset name of
+    ``onnx_backend.MEMORY_PRESETS`` (``cartosplit bench device --memory`` measures them one by one).
+    """
+
+    def __init__(self, bundle: Bundle, fmt: str, threads: int | None, low_memory: bool | str = False) -> None:
         self.fmt = fmt
         if fmt.startswith("onnx"):
-            from cartosplit.device_runtime.onnx_backend import OnnxSession
+            from cartosplit.device_runtime.onnx_backend import OnnxSession, memory_preset
 
-            self.head = OnnxSession(bundle.graph_file("device_head", fmt), threads)
-            self.tail = OnnxSession(bundle.graph_file("device_tail", fmt), threads)
+            self.memory = memory_preset(low_memory)
+            self.head = OnnxSession(bundle.graph_file("device_head", fmt), threads, self.memory)
+            self.tail = OnnxSession(bundle.graph_file("device_tail", fmt), threads, self.memory)
             self.buckets = None
         else:
-            from cartosplit.device_runtime.litert_backend import LiteRTSession
+            from cartosplit.device_runtime.litert_backend import LiteRTSession, memory_preset
 
+            self.memory = memory_preset(low_memory)
             self.buckets = sorted(bundle.manifest.formats[fmt].buckets)
             self.sessions = {
-                (name, b): LiteRTSession(bundle.graph_file(name, fmt, b), threads)
+                (name, b): LiteRTSession(bundle.graph_file(name, fmt, b), threads, self.memory)
                 for name in ("device_head", "device_tail")
                 for b in self.buckets
             }
@@ -173,7 +180,11 @@ class DeviceRuntime:
     """Run a bundle on the device, offloading to an edge and a cloud server as the policy says.
 
     ``backend``: "onnxruntime" or "litert"; ``fmt`` picks the graph format (default: int8 of that backend
-    when the bundle has it). ``edge``/``cloud``: "host:port" or None (that tier is absent).
+    when the bundle has it). ``fmt="auto"`` picks it from this CPU's features and the formats the bundle holds
+    that passed validation (``cpu_features.choose_format``; the backend follows the format), or from
+    ``advice``, a ``cartosplit bench device`` result measured on this machine; ``format_reason`` says why.
+    ``low_memory``: onnxruntime without its memory arena and memory-pattern planner (see
+    ``onnx_backend.MEMORY_PRESETS``; LiteRT: ``litert_backend``). ``edge``/``cloud``: "host:port" or None.
     ``security``: TLS (CA), client certificate and bearer token for both links, edge and cloud alike: one
     deployment, one CA and one token (the cloud accepts a single token, from the edge and the device both).
     """
@@ -191,15 +202,27 @@ class DeviceRuntime:
         max_message_bytes: int = 16 << 20,
         retry_after_s: float = 5.0,
         security: ClientSecurity | None = None,
+        low_memory: bool | str = False,
+        advice: str | Path | None = None,
     ) -> None:
         from cartosplit.protos.codec import ENCODINGS
 
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.bundle.require_tier("device")  # a full or a device tier bundle; an edge or cloud one is refused
         m = self.bundle.manifest
         if backend not in ("onnxruntime", "litert"):
             raise ValueError(f"backend must be 'onnxruntime' or 'litert', got {backend!r}")
         formats = m.formats
+        self.format_reason = "given"
+        if fmt == AUTO:
+            choice = choose_format(
+                passed_formats(m), read_cpu_features(), read_advice(advice) if advice is not None else None
+            )
+            fmt, self.format_reason = choice.format, choice.reason
+        elif advice is not None:
+            raise ValueError("advice is read only with fmt='auto'")
         if fmt is None:
+            self.format_reason = f"default: int8 of {backend} when the bundle has it"
             preferred = (ONNX_INT8, ONNX_FP32) if backend == "onnxruntime" else (TFLITE_INT8, TFLITE_FP32)
             fmt = next((f for f in preferred if f in formats), None)
             if fmt is None:
@@ -210,7 +233,7 @@ class DeviceRuntime:
             raise ValueError(f"encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
         self.encoding = ENCODINGS[encoding]
         self.fmt = fmt
-        self.graphs = DeviceGraphs(self.bundle, fmt, threads)
+        self.graphs = DeviceGraphs(self.bundle, fmt, threads, low_memory)
         self.tokenizer = load_tokenizer(self.bundle.path(m.tokenizer), m.model.max_length)
         self.policy = m.policy
         self.split = m.split_points

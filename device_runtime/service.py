@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cartosplit.device_runtime.bundle import FORMATS
+from cartosplit.device_runtime.cpu_features import AUTO
 from cartosplit.protos.addresses import is_loopback
 
 log = logging.getLogger("cartosplit.device_service")
@@ -54,9 +55,11 @@ class ServiceConfig:
 
     bundle: Path
     backend: str = "onnxruntime"
-    format: str | None = None  # default: int8 of the backend when the bundle has it
+    format: str | None = None  # default: int8 of the backend when the bundle has it; "auto": from the CPU
     encoding: str = "fp16"  # activations on the wire to the edge/cloud
     threads: int | None = None  # CPU threads for the device graphs
+    low_memory: bool = False  # onnxruntime without its memory arena and memory-pattern planner
+    advice: Path | None = None  # with format = "auto": a `cartosplit bench device` result of this machine
     edge: str | None = None  # HOST:PORT
     cloud: str | None = None
     timeout_s: float = 2.0  # per remote call
@@ -86,9 +89,11 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "": {  # the top level
         "bundle": ("bundle", "path"),
         "backend": ("backend", ("onnxruntime", "litert")),
-        "format": ("format", FORMATS),
+        "format": ("format", (*FORMATS, AUTO)),
         "encoding": ("encoding", ("fp32", "fp16", "int8")),
         "threads": ("threads", "int"),
+        "low_memory": ("low_memory", "bool"),
+        "advice": ("advice", "path"),
     },
     "servers": {"edge": ("edge", "address"), "cloud": ("cloud", "address"), "timeout": ("timeout_s", "float")},
     "tls": {
@@ -198,7 +203,9 @@ def parse_config(text: str, source: Path | None = None) -> ServiceConfig:
         raise ConfigError(f"{where}: tls.cert and tls.server_name need tls.ca (the CA that signed the servers)")
     if config.token_file is not None and config.ca is None:
         raise ConfigError(f"{where}: tls.token_file needs tls.ca: a bearer token never travels in plaintext")
-    if config.format is not None:
+    if config.advice is not None and config.format != AUTO:
+        raise ConfigError(f'{where}: advice is read only with format = "auto"')
+    if config.format is not None and config.format != AUTO:
         wanted = "onnx" if config.backend == "onnxruntime" else "tflite"
         if not config.format.startswith(wanted):
             raise ConfigError(f"{where}: format {config.format!r} does not run on backend {config.backend!r}")
@@ -479,6 +486,8 @@ def build_runtime(config: ServiceConfig):
         timeout_s=config.timeout_s,
         encoding=config.encoding,
         security=security,
+        low_memory=config.low_memory,
+        advice=config.advice,
     )
 
 

@@ -4,6 +4,10 @@ Every artifact is run against the torch model on held-out samples (the run's cal
 the bundle is written; beyond tolerance, the bundle is refused and left as ``<out>.rejected`` with its
 report for inspection. The formats' exporters are in ``cartosplit.export.exporters`` and
 ``cartosplit.export.tflite``; this module orchestrates them and writes the manifest.
+
+With ``tiers`` (``--tiers device,edge,cloud``), each tier's bundle is then cut from the full one at
+``<out>-<tier>`` (``cartosplit.device_runtime.tier_bundles``): the device's in ``device_formats`` (default: every
+format of the export), the edge's and the cloud's in every format that holds their graphs (ONNX).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from cartosplit.device_runtime.manifest import (
     ONNX_INT8,
     TFLITE_FP32,
     TFLITE_INT8,
+    TIERS,
     ExporterInfo,
     GraphSpec,
     Manifest,
@@ -35,6 +40,7 @@ from cartosplit.device_runtime.manifest import (
 )
 from cartosplit.device_runtime.policy import GROUP_NAMES, Policy
 from cartosplit.device_runtime.text import encode, load_tokenizer
+from cartosplit.device_runtime.tier_bundles import bundle_size, cut_tier_bundle
 from cartosplit.export.calibrate import CALIBRATION_FILE
 from cartosplit.export.exporters import ExportContext, Exporter, ExportError, OnnxFp32Exporter, OnnxInt8Exporter
 from cartosplit.export.model import MultiExitBert
@@ -59,11 +65,25 @@ class ExportConfig:
     int8_min_agreement: float = OnnxInt8Exporter.MIN_AGREEMENT
     threads: int | None = None
     overwrite: bool = False
+    tiers: tuple[str, ...] = ()  # also cut these tiers' bundles, each at <out>-<tier>
+    device_formats: tuple[str, ...] | None = None  # the device tier bundle's formats (None: every exported one)
 
     def __post_init__(self) -> None:
         unknown = set(self.formats) - set(FORMATS)
         if unknown:
             raise ExportError(f"unknown formats {sorted(unknown)}; choose from {list(FORMATS)}")
+        unknown = set(self.tiers) - set(TIERS)
+        if unknown:
+            raise ExportError(f"unknown tiers {sorted(unknown)}; choose from {list(TIERS)}")
+        if self.device_formats is not None:
+            if "device" not in self.tiers:
+                raise ExportError("device formats choose the device tier bundle's formats: add device to the tiers")
+            lacking = [f for f in self.device_formats if f not in self.formats]
+            if lacking or not self.device_formats:
+                raise ExportError(
+                    f"the device tier bundle's formats must be exported formats ({', '.join(self.formats)}); "
+                    f"got {', '.join(self.device_formats) or 'none'}"
+                )
         if ONNX_INT8 in self.formats and ONNX_FP32 not in self.formats:
             raise ExportError(f"{ONNX_INT8} is quantized from {ONNX_FP32}: include both")
         if not self.buckets or any(b < 2 for b in self.buckets):
@@ -158,14 +178,35 @@ def _manifest(work: Path, info: dict, tcfg, model: MultiExitBert, r: int, calibr
     )
 
 
+def tier_bundle_path(out: Path, tier: str) -> Path:
+    """Where ``export --tiers`` writes a tier's bundle: ``<out>-<tier>``, beside the full bundle."""
+    return out.with_name(f"{out.name}-{tier}")
+
+
+def write_tier_bundles(
+    out: Path, tiers: tuple[str, ...], device_formats: tuple[str, ...] | None, overwrite: bool, log=print
+) -> dict[str, Path]:
+    """Cut each tier's bundle from the full bundle ``out``, at ``<out>-<tier>`` (replaced when ``overwrite``)."""
+    written = {}
+    for tier in tiers:
+        target = tier_bundle_path(out, tier)
+        if target.exists() and overwrite:
+            shutil.rmtree(target)
+        formats = device_formats if tier == "device" else None
+        written[tier] = cut_tier_bundle(out, tier, formats, target)
+        log(f"{tier} tier bundle written to {target} ({bundle_size(target) / 1e6:.1f} MB)")
+    return written
+
+
 def export_bundle(cfg: ExportConfig, log=print) -> Path:
     started = time.time()
     run, out = Path(cfg.run), Path(cfg.out)
     info, tcfg = load_run(run)
     if not (run / CALIBRATION_FILE).is_file() or not (run / "router" / "router.json").is_file():
         raise ExportError(f"{run} is not calibrated: run `cartosplit calibrate --run {run}` first")
-    if out.exists() and not cfg.overwrite:
-        raise ExportError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    for target in (out, *(tier_bundle_path(out, tier) for tier in cfg.tiers)):
+        if target.exists() and not cfg.overwrite:
+            raise ExportError(f"{target} exists: pass --overwrite to replace it, or choose another --out")
     exporters = _exporters(cfg)
     if tcfg.threads or cfg.threads:
         torch.set_num_threads(cfg.threads or tcfg.threads)
@@ -213,4 +254,5 @@ def export_bundle(cfg: ExportConfig, log=print) -> Path:
         shutil.rmtree(out)
     work.rename(out)
     log(f"bundle written to {out} in {time.time() - started:.0f} s")
+    write_tier_bundles(out, cfg.tiers, cfg.device_formats, cfg.overwrite, log)
     return out

@@ -260,7 +260,22 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--int8-min-agreement", type=float, default=0.95, help="min label/router agreement for int8 (default: 0.95)"
     )
     parser.add_argument("--threads", type=positive_int, help="CPU threads for torch and the runtimes")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing bundle folder (and its tier bundles)"
+    )
+    parser.add_argument(
+        "--tiers",
+        type=comma_list(str),
+        default=(),
+        help="also cut these tiers' bundles from the full one, each at OUT-<tier> (e.g. device,edge,cloud): "
+        "each holds only what its tier opens (same as `cartosplit bundle split`)",
+    )
+    parser.add_argument(
+        "--device-formats",
+        type=comma_list(str),
+        help="the device tier bundle's formats, e.g. tflite-int8 (default: every exported format); the edge "
+        "and cloud tier bundles get every format their graphs have (ONNX)",
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -277,6 +292,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             int8_min_agreement=args.int8_min_agreement,
             threads=args.threads,
             overwrite=args.overwrite,
+            tiers=args.tiers,
+            device_formats=args.device_formats,
         )
     )
     return 0

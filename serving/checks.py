@@ -47,7 +47,8 @@ def check_envelope(request: pb.InferRequest, bundle_id: str, depths: Collection[
         raise RequestError(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"bundle mismatch: the request was made for bundle {request.bundle_id[:12]!r}, "
-            f"this server serves {bundle_id[:12]!r}",
+            f"this server serves {bundle_id[:12]!r}: the two bundles come from different exports (a tier "
+            "bundle carries the id of the full bundle it was cut from; give every tier that bundle or one cut from it)",
         )
     if request.depth not in depths:
         raise RequestError(

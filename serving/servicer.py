@@ -41,6 +41,7 @@ class TierServicer:
     tier_name: str = "tier"
 
     def __init__(self, bundle: Bundle, config: ServerConfig, metrics: TierMetrics) -> None:
+        bundle.require_tier(self.tier_name)  # a full bundle, or a tier bundle cut for this tier
         self.bundle, self.config, self.metrics = bundle, config, metrics
         model = bundle.manifest.model
         self.hidden_size = model.hidden_size

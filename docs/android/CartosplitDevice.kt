@@ -43,9 +43,11 @@ class BundleInfo(bundleDir: File) {
     private val manifestBytes = File(bundleDir, "manifest.json").readBytes()
     private val manifest = JSONObject(String(manifestBytes, Charsets.UTF_8))
 
-    /** sha256 of manifest.json: every tier must serve the same bundle (the edge refuses another id). */
-    val bundleId: String = MessageDigest.getInstance("SHA-256").digest(manifestBytes)
-        .joinToString("") { "%02x".format(it) }
+    /** The lineage id every tier compares (the edge refuses another): a tier bundle's source_bundle (the full
+     *  bundle it was cut from), else the sha256 of manifest.json. */
+    val bundleId: String = manifest.optString("source_bundle").ifEmpty {
+        MessageDigest.getInstance("SHA-256").digest(manifestBytes).joinToString("") { "%02x".format(it) }
+    }
     val labels: List<String> = manifest.getJSONObject("model").getJSONArray("labels").let { a ->
         List(a.length()) { a.getString(it) }
     }
