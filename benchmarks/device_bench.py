@@ -302,8 +302,10 @@ def run_child(bundle: Path, fmt: str, threads: int | None, memory: str, inputs: 
     """One fresh process (see ``_CHILD``): phases in ms from spawn, peak RSS, per-input latency."""
     cfg = {"bundle": str(bundle), "format": fmt, "threads": threads, "memory": memory, "inputs": str(inputs)}
     spawned = time.time()
+    # -I: the child sees the installed kit only; from a checkout's folder, `-c` would put the checkout's
+    # cartosplit/ (the root alone) first on sys.path and hide the installed packages
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(cfg)], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-I", "-c", _CHILD, json.dumps(cfg)], capture_output=True, text=True, timeout=timeout
     )
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
