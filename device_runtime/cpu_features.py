@@ -229,7 +229,7 @@ def read_advice(path: str | Path) -> dict:
 def _int8_evidence(cpu: CpuFeatures) -> str:
     if cpu.family == "x86":
         if cpu.int8_dot:
-            return "int8 ran the device slice in 0.22-0.34x torch fp32's time with AVX-512 VNNI (x86 VMs, length 32-128)"
+            return "int8 ran the device slice in 0.22-0.34x torch fp32's time with AVX-512 VNNI (x86 VMs, len 32-128)"
         return "int8 ran the device slice in 0.38-0.53x torch fp32's time with AVX2 alone (x86 VMs, length 32-128)"
     if cpu.int8_dot:
         return "SDOT runs int8 dot products in one instruction; weights a quarter of fp32's"
