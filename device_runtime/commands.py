@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from cartosplit.cli_args import positive_int
 from cartosplit.device_runtime import service
 from cartosplit.device_runtime.bundle import describe, load_bundle
+from cartosplit.device_runtime.inputs import InputError, parse_json, text_problem
 
 # --- run --------------------------------------------------------------------------------------------------
 
@@ -67,8 +68,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def _read_inputs(source: Iterable[bytes], max_chars: int) -> Iterator[tuple[int, str | None, str | None, str | None]]:
     """(index, text, text_pair, error) per non-blank input line: text lines or JSON Lines, per line.
 
-    A bad line (not UTF-8, invalid JSON, no "text", empty or oversize text) gets its error and the
-    rest goes on: one unreadable line never costs the others their answers.
+    A bad line (not UTF-8, not JSON or JSON too deep to read, no "text", a lone surrogate, empty or oversize
+    text) gets its error and the rest goes on: one unreadable line never costs the others their answers.
     """
     index = 0
     for number, raw in enumerate(source, 1):
@@ -83,14 +84,18 @@ def _read_inputs(source: Iterable[bytes], max_chars: int) -> Iterator[tuple[int,
         text, pair, error = line, None, None
         if line.lstrip().startswith("{"):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                record, error = {}, f"line {number}: invalid JSON ({exc.msg} at column {exc.colno})"
+                record = parse_json(line, f"line {number}")
+            except InputError as exc:
+                record, error = {}, str(exc)
             text, pair = record.get("text"), record.get("text_pair")
             if error is None and not isinstance(text, str):
                 error = f'line {number}: a JSON line needs a "text" string'
             elif error is None and pair is not None and not isinstance(pair, str):
                 error = f'line {number}: "text_pair" must be a string'
+            for name, value in (("text", text), ("text_pair", pair)):
+                problem = None if error is not None or value is None else text_problem(value)
+                if problem:
+                    error = f'line {number}: "{name}" {problem}'
         if error is None:
             error = _check_text(text, number, max_chars) or (pair is not None and _check_text(pair, number, max_chars))
         yield index, text, pair, error or None
@@ -136,8 +141,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             for index, text, pair, error in _read_inputs(source, args.max_chars):
                 total += 1
                 if error is None:
-                    row = runtime.predict([text], None if pair is None else [pair])[0].to_dict()
-                else:
+                    try:
+                        row = runtime.predict([text], None if pair is None else [pair])[0].to_dict()
+                    except ValueError as exc:  # the runtime refused this input: its line says why, the rest go on
+                        error = str(exc)
+                if error is not None:
                     failed += 1
                     row = {"error": error}
                 sink.write(json.dumps({"index": index, **row}) + "\n")

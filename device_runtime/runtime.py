@@ -31,6 +31,7 @@ from cartosplit.device_runtime.costs import (
     TIER_NAMES,
 )
 from cartosplit.device_runtime.cpu_features import AUTO, choose_format, passed_formats, read_advice, read_cpu_features
+from cartosplit.device_runtime.inputs import text_problem
 from cartosplit.device_runtime.numerics import softmax
 from cartosplit.device_runtime.policy import device_decision, leaves_for_cloud
 from cartosplit.device_runtime.text import encode, load_tokenizer, pad_batch
@@ -359,6 +360,9 @@ class DeviceRuntime:
                 raise ValueError(f"input {i % len(texts)}: empty text (or not a string)")
             if len(text) > max_chars:
                 raise ValueError(f"input {i % len(texts)}: {len(text)} characters is over the limit of {max_chars}")
+            problem = text_problem(text)
+            if problem:  # the tokenizer would raise a TypeError deep inside
+                raise ValueError(f"input {i % len(texts)}: text {problem}")
         return [self._predict_one(e) for e in encode(self.tokenizer, texts, text_pairs)]
 
     def predict_all_cloud(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None) -> list[Prediction]:

@@ -8,8 +8,11 @@ runtime (graphs, tokenizer, gRPC channels to the edge and the cloud) is loaded o
 
 Standard library only (``http.server``, ``tomllib``); listens on 127.0.0.1 unless the config says otherwise.
 The HTTP side has no TLS and no authentication, so a non-loopback address must be allowed explicitly.
-Every bad request gets a 4xx with a JSON ``{"error": ...}`` and the service keeps serving; requests are
-answered one at a time (one model, one board), a bounded number wait, beyond that 503.
+Every bad request gets a 4xx with a JSON ``{"error": ...}`` (errors of the HTTP parser included) and the
+service keeps serving; requests are answered one at a time (one model, one board), a bounded number wait,
+beyond that 503. A client has ``read_timeout`` seconds for its whole request (headers and body), and at most
+``max_connections`` connections are open at once (one thread each); the next one gets 503 and is closed.
+The log is JSON lines, one per event: a client that goes away is one line, never a traceback.
 
 Configuration: one TOML file, see ``deploy/pi/device.toml``. Unknown sections or keys are errors, so a
 typo cannot silently fall back to a default; relative paths are relative to the file's folder.
@@ -17,14 +20,17 @@ typo cannot silently fall back to a default; relative paths are relative to the 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import signal
 import socket
 import socketserver
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field, fields
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,6 +39,7 @@ from typing import Any
 
 from cartosplit.device_runtime.bundle import FORMATS
 from cartosplit.device_runtime.cpu_features import AUTO
+from cartosplit.device_runtime.inputs import InputError, parse_json, text_problem
 from cartosplit.protos.addresses import is_loopback
 
 log = logging.getLogger("cartosplit.device_service")
@@ -75,7 +82,8 @@ class ServiceConfig:
     max_chars: int = 10_000  # per text (and per text pair)
     max_body_bytes: int = 1 << 20
     max_pending: int = 8  # requests waiting for the model beyond the one running; more get 503
-    read_timeout_s: float = 10.0  # a client that sends its body slower than this is dropped
+    read_timeout_s: float = 10.0  # seconds for the whole request (headers and body); a slower client is dropped
+    max_connections: int = 32  # connections open at once (one thread each); more get 503 and are closed
     source: Path | None = field(default=None, compare=False)  # the file it came from
 
     @property
@@ -114,6 +122,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "max_body_bytes": ("max_body_bytes", "int"),
         "max_pending": ("max_pending", "count"),
         "read_timeout": ("read_timeout_s", "float"),
+        "max_connections": ("max_connections", "int"),
     },
 }
 
@@ -253,11 +262,11 @@ class RequestError(Exception):
 def parse_classify_request(body: bytes, config: ServiceConfig) -> tuple[list[str], list[str] | None]:
     """``texts`` and ``text_pairs`` of a ``/v1/classify`` body, or :class:`RequestError` saying what is wrong."""
     try:
-        payload = json.loads(body.decode("utf-8"))
+        payload = parse_json(body.decode("utf-8"), "body")
     except UnicodeDecodeError as exc:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not JSON ({exc.msg} at column {exc.colno})") from None
+    except InputError as exc:  # not JSON, nested too deeply, a number too long
+        raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
     if not isinstance(payload, dict):
         raise RequestError(HTTPStatus.BAD_REQUEST, 'body must be a JSON object {"texts": [...]}')
     unknown = sorted(set(payload) - {"texts", "text_pairs"})
@@ -273,8 +282,9 @@ def parse_classify_request(body: bytes, config: ServiceConfig) -> tuple[list[str
         raise RequestError(HTTPStatus.BAD_REQUEST, '"text_pairs" must be a list as long as "texts" (or absent)')
     for name, values in (("texts", texts), ("text_pairs", pairs or [])):
         for i, text in enumerate(values):
-            if not isinstance(text, str) or not text.strip():
-                raise RequestError(HTTPStatus.BAD_REQUEST, f"{name}[{i}] must be a non-empty string")
+            problem = text_problem(text)  # not a string, or a lone surrogate the tokenizer cannot take
+            if problem or not text.strip():
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"{name}[{i}] {problem or 'must be a non-empty string'}")
             if len(text) > config.max_chars:
                 raise RequestError(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -298,6 +308,7 @@ class DeviceService(ThreadingHTTPServer):
         self.started = time.monotonic()
         self.model_lock = threading.Lock()  # the device graphs run one input at a time
         self.slots = threading.BoundedSemaphore(config.max_pending + 1)
+        self.connections = threading.BoundedSemaphore(config.max_connections)  # one handler thread each
         self.counts = {"requests": 0, "answered": 0, "refused": 0, "failed": 0}
         self.counts_lock = threading.Lock()
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
@@ -310,6 +321,36 @@ class DeviceService(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]
         self.server_name, self.server_port = host, port
+
+    def process_request(self, request: socket.socket, client_address) -> None:
+        # runs in the accepting thread: past max_connections no thread is started, the client gets 503 at once
+        if not self.connections.acquire(blocking=False):
+            self.count("refused")
+            log.info(json.dumps({"event": "refused", "status": 503, "error": "too many connections"}))
+            _answer_busy(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nobody else will give the slot back
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def handle_error(self, request, client_address) -> None:
+        # the base class prints a traceback to stderr; the log is JSON lines, and a client that hangs up
+        # early (a broken pipe, a reset, a timeout) is an ordinary event, not a failure
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.info(json.dumps({"event": "client_gone", "error": type(error).__name__}))
+            return
+        self.count("failed")
+        log.error(json.dumps({"event": "handler_failed", "error": repr(error), "traceback": traceback.format_exc()}))
 
     @property
     def url(self) -> str:
@@ -352,6 +393,49 @@ class DeviceService(ThreadingHTTPServer):
         return [{"index": i, **p.to_dict()} for i, p in enumerate(predictions)]
 
 
+_BUSY_BODY = (json.dumps({"error": "busy: too many connections open; retry shortly"}) + "\n").encode()
+_BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    + f"Content-Length: {len(_BUSY_BODY)}\r\n".encode()
+    + b"Retry-After: 1\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+    + _BUSY_BODY
+)
+
+
+def _answer_busy(request: socket.socket) -> None:
+    """Send the 503 of a connection over the limit without blocking the accepting thread."""
+    try:
+        request.setblocking(False)
+        request.send(_BUSY)  # far below a fresh socket's send buffer
+        while request.recv(65536):  # what the client already sent: unread, the close would be a reset
+            pass
+    except OSError:  # nothing more to read (BlockingIOError), or the client is already gone
+        pass
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reading side that fails with TimeoutError once ``deadline`` (time.monotonic()) has passed.
+
+    The socket timeout alone bounds each read, so a client sending a byte a second would never time out;
+    this bounds the whole request.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request took longer than read_timeout")
+        self.sock.settimeout(remaining)
+        return self.sock.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: DeviceService
     server_version = "cartosplit-device"
@@ -361,14 +445,35 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.config.read_timeout_s  # applied to the socket by StreamRequestHandler
         super().setup()
+        # the whole request (request line, headers, body) must arrive within read_timeout of the connection
+        deadline = time.monotonic() + self.server.config.read_timeout_s
+        self.rfile.close()  # the socket's own reader, unused: left open, it would keep the socket from closing
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline))
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
-    def log_message(self, format: str, *args) -> None:  # the base class's signature
-        log.debug("%s " + format, self.address_string(), *args)
+    def log_message(self, format: str, *args) -> None:  # the base class's signature; its access log
+        log.debug(json.dumps({"event": "http", "client": self.address_string(), "message": format % args}))
+
+    def log_error(self, format: str, *args) -> None:  # the base class's timeouts; send_error logs its own
+        log.info(json.dumps({"event": "client_gone", "client": self.address_string(), "error": format % args}))
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The HTTP parser's errors (bad request line, headers too long, unsupported method) as JSON too."""
+        try:
+            status = HTTPStatus(code)
+        except ValueError:
+            status = HTTPStatus.BAD_REQUEST
+        if self.request_version in ("HTTP/0.9", ""):  # the request line was unreadable: answer in HTTP/1.0
+            self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        self.server.count("requests")
+        text = message or status.phrase
+        self._refuse(RequestError(status, f"{text} ({explain})" if explain else text))
 
     def _reply(self, status: HTTPStatus, payload: dict) -> None:
         body = (json.dumps(payload) + "\n").encode("utf-8")
+        self.connection.settimeout(self.server.config.read_timeout_s)  # the read deadline is not the write's
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -381,9 +486,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refuse(self, error: RequestError) -> None:
         self.server.count("refused")
-        log.info(
-            json.dumps({"event": "refused", "path": self.path, "status": int(error.status), "error": error.message})
-        )
+        path = getattr(self, "path", None)  # absent when the request line itself was refused
+        log.info(json.dumps({"event": "refused", "path": path, "status": int(error.status), "error": error.message}))
         self._reply(error.status, {"error": error.message})
 
     def _read_body(self) -> bytes:
@@ -452,7 +556,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         except Exception as exc:  # never let one request take the service down
             self.server.count("failed")
-            log.exception("classify failed")
+            log.error(json.dumps({"event": "failed", "error": repr(exc), "traceback": traceback.format_exc()}))
             self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error ({type(exc).__name__})"})
             return
         self.server.count("answered")

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -100,3 +101,27 @@ def test_numbers_are_validated_by_the_parser(capsys):
         build_parser("train").parse_args(["train", "--epochs", "0"])
     assert exit_info.value.code == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+def test_run_answers_every_line_around_unreadable_json(bundle, tmp_path, capsys):
+    source = tmp_path / "in.txt"
+    lines = [
+        "a fine film",
+        '{"text": "\\ud800"}',  # a lone surrogate: valid JSON, not text (the tokenizer raised TypeError)
+        '{"text": "ok", "text_pair": "\\udfff"}',
+        "{" + '"text": ' + "[" * 100_000 + "]" * 100_000 + "}",  # RecursionError in the parser
+        '{"text": "a", "x": 1' + "1" * 5000 + "}",  # ValueError: over Python's digit limit
+        "another good one",
+    ]
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["run", "--bundle", str(bundle), "--input", str(source), "--output", str(out)]) == 1
+    assert "4 of 6 inputs had errors" in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(6))
+    assert "label" in rows[0] and "label" in rows[5]
+    errors = [r.get("error", "") for r in rows]
+    assert errors[1] == 'line 2: "text" holds a lone surrogate (U+D800 at character 0), not Unicode text'
+    assert errors[2].startswith('line 3: "text_pair" holds a lone surrogate')
+    assert errors[3] == "line 4 is JSON nested too deeply to read"
+    assert errors[4] == "line 5 holds a number of more than 4300 digits"

@@ -7,15 +7,19 @@ fail on purpose check the busy (503) and internal-error (500) paths without any 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import logging
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +50,7 @@ def test_shipped_pi_config_parses_with_the_service_loader():
     assert config.token_file == Path("/etc/cartosplit/tls/token")
     assert (config.host, config.port, config.allow_non_loopback) == ("127.0.0.1", 8470, False)
     assert (config.max_texts, config.max_chars, config.max_body_bytes, config.max_pending) == (32, 10000, 1 << 20, 8)
+    assert (config.read_timeout_s, config.max_connections) == (10.0, 32)
 
 
 def test_the_unit_file_starts_the_service_with_the_shipped_config_path():
@@ -84,6 +89,7 @@ def test_minimal_config_takes_the_defaults_and_resolves_relative_paths(tmp_path)
         ('bundle = "b"\nbackend = "litert"\nformat = "onnx-int8"\n', "does not run on backend 'litert'"),
         ('bundle = "b"\n[listen]\nhost = "0.0.0.0"\n', "not a loopback address"),
         ('bundle = "b"\n[limits]\nmax_texts = true\n', "max_texts must be an integer"),
+        ('bundle = "b"\n[limits]\nmax_connections = 0\n', "max_connections must be a positive integer"),
         ('bundle = "b"\n[listen]\nallow_non_loopback = "yes"\n', "must be true or false"),
         ('bundle = "b"\nbundle = "c"\n', "not valid TOML"),
         ("bundle = b\n", "not valid TOML"),
@@ -129,6 +135,26 @@ def test_classify_request_parsing():
         with pytest.raises(Exception) as error:
             parse_classify_request(body, config)
         assert getattr(error.value, "status", None) == status, body
+
+
+# what an independent check sent: each was a 500 (TypeError in the tokenizer, RecursionError, ValueError)
+UNREADABLE = [
+    (b'{"texts": ["\\ud800"]}', r"texts\[0\] holds a lone surrogate \(U\+D800 at character 0\)"),
+    (b'{"texts": ["a"], "text_pairs": ["ok \\udfff"]}', r"text_pairs\[0\] holds a lone surrogate"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"texts": ["a"], "x": 1' + b"1" * 5000 + b"}", "a number of more than 4300 digits"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), UNREADABLE, ids=["surrogate", "surrogate-pair", "nested", "digits"])
+def test_unreadable_json_is_a_400_naming_the_problem(body, message):
+    config = parse_config('bundle = "/b"\n')
+    with pytest.raises(Exception) as error:
+        parse_classify_request(body, config)
+    assert getattr(error.value, "status", None) == 400 and re.search(message, error.value.message)
+    assert parse_classify_request(b'{"texts": ["\\ud83d\\ude00 a pair is fine"]}', config)[0] == [
+        "\U0001f600 a pair is fine"
+    ]
 
 
 # --- a live service ---------------------------------------------------------------------------------------
@@ -244,6 +270,8 @@ def test_health_names_the_bundle_and_the_tiers(live, bundle):
         ("POST", "/healthz", b"{}", {}, 405, "POST goes to"),
         ("GET", "/nowhere", None, {}, 404, "no such path"),
         ("DELETE", "/v1/classify", None, {}, 405, "use POST"),
+        ("POST", "/v1/classify", b'{"texts": ["\\ud800"]}', {}, 400, "lone surrogate"),  # was a 500
+        ("POST", "/v1/classify", b"[" * 2000 + b"]" * 2000, {}, 400, "nested too deeply"),  # was a 500
     ],
 )
 def test_bad_requests_get_4xx_and_the_service_keeps_serving(live, method, path, body, headers, status, message):
@@ -340,6 +368,135 @@ def test_an_internal_error_is_a_500_and_the_next_request_is_served(tmp_path):
         assert status == 500 and reply == {"error": "internal error (RuntimeError)"}  # no traceback to the client
         assert running.classify({"texts": ["a"]})[0] == 200
     finally:
+        running.stop()
+
+
+def _stub_config(tmp_path, **limits) -> object:
+    extra = "".join(f"{k} = {v}\n" for k, v in limits.items())
+    return parse_config(f'bundle = "{tmp_path}"\n[listen]\nport = 0\n[limits]\n{extra}')
+
+
+def _raw(port: int, data: bytes, timeout: float = 30) -> bytes:
+    """Send ``data`` on a fresh connection, half-close it and read the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        return sock.makefile("rb").read()
+
+
+def _json_error(reply: bytes) -> tuple[int, str]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"Content-Type: application/json" in head, reply[:300]
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def test_unreadable_bodies_get_400_and_the_service_keeps_serving(tmp_path):
+    running = Running(_stub_config(tmp_path, max_body_bytes=1 << 20), FailingRuntime())
+    running.service.runtime.calls = 1  # past its one failure: a predict() call answers
+    try:
+        for body, message in UNREADABLE:
+            status, reply = running.request("POST", "/v1/classify", body, {"Content-Type": "application/json"})
+            assert status == 400 and re.search(message, reply["error"]), (body[:40], reply)
+        assert running.service.runtime.calls == 1  # none of them reached the model
+        assert running.classify({"texts": ["a"]})[0] == 200
+    finally:
+        running.stop()
+
+
+def test_errors_of_the_http_parser_are_json_too(live):
+    status, error = _json_error(_raw(live.port, b"GARBAGE\r\n\r\n"))
+    assert status == 400 and "Bad request" in error
+    status, error = _json_error(_raw(live.port, b"NO SUCH THING/1.0\r\n\r\n"))
+    assert status == 400 and "version" in error
+    status, error = _json_error(_raw(live.port, b"FOO /v1/classify HTTP/1.0\r\n\r\n"))
+    assert status == 501 and "Unsupported method ('FOO')" in error
+    huge = b"GET /healthz HTTP/1.0\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    status, error = _json_error(_raw(live.port, huge))
+    assert status == 431 and "Line too long" in error
+    status, error = _json_error(_raw(live.port, b"GET /" + b"a" * 70_000 + b" HTTP/1.0\r\n\r\n"))
+    assert status == 414
+    assert live.classify({"texts": ["good"]})[0] == 200
+
+
+def test_read_timeout_bounds_the_whole_request_not_each_read(tmp_path):
+    running = Running(_stub_config(tmp_path, read_timeout=1.0), FailingRuntime())
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as slow:
+            stop = threading.Event()
+
+            def drip():  # a header byte every 0.1 s: each read is quick, the request never ends
+                try:
+                    slow.sendall(b"POST /v1/classify HTTP/1.0\r\nX-Slow: ")
+                    while not stop.wait(0.1):
+                        slow.sendall(b"a")
+                except OSError:  # the server closed the connection
+                    pass
+
+            dripper = threading.Thread(target=drip, daemon=True)
+            started = time.monotonic()
+            dripper.start()
+            with contextlib.suppress(ConnectionResetError):
+                assert slow.recv(4096) == b""  # dropped, with nothing to answer
+            elapsed = time.monotonic() - started
+            stop.set()
+            dripper.join(5)
+        assert 0.8 < elapsed < 3.0, elapsed  # per read it would have lasted as long as the client liked
+        assert running.request("GET", "/healthz")[0] == 200
+    finally:
+        running.stop()
+
+
+def test_beyond_max_connections_a_connection_gets_503_and_no_thread(tmp_path):
+    running = Running(_stub_config(tmp_path, read_timeout=5.0, max_connections=2), FailingRuntime())
+    idle: list[socket.socket] = []
+    try:
+        threads = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(2)]
+        status, error = _json_error(_raw(running.port, b"GET /healthz HTTP/1.0\r\n\r\n", timeout=10))
+        assert status == 503 and "too many connections" in error
+        idle += [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(8)]
+        for sock in idle[2:]:  # each answered 503 and closed by the accepting thread
+            assert sock.makefile("rb").read().startswith(b"HTTP/1.0 503")
+        assert threading.active_count() <= threads + 2
+        for sock in idle[:2]:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while (status := running.request("GET", "/healthz")[0]) == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the two handler threads see the close and give their slots back
+        assert status == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        running.stop()
+
+
+def test_a_client_that_hangs_up_early_is_one_json_log_line(tmp_path, caplog, capsys):
+    runtime = BlockingRuntime()
+    running = Running(_stub_config(tmp_path), runtime)
+    try:
+        with caplog.at_level(logging.INFO, logger="cartosplit.device_service"):
+            sock = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+            body = b'{"texts": ["a"]}'
+            sock.sendall(b"POST /v1/classify HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert runtime.entered.wait(30)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset: the answer has nowhere to go
+            runtime.release.set()
+            deadline = time.monotonic() + 10
+            while not any("client_gone" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        records = [r for r in caplog.records if r.name == "cartosplit.device_service"]
+        gone = [json.loads(r.getMessage()) for r in records if "client_gone" in r.getMessage()]
+        assert gone and gone[0]["error"] in ("BrokenPipeError", "ConnectionResetError"), [
+            r.getMessage() for r in records
+        ]
+        for record in records:
+            json.loads(record.getMessage())  # every line JSON
+            assert record.exc_info is None and "Traceback" not in record.getMessage()
+        assert "Traceback" not in capsys.readouterr().err
+        assert running.classify({"texts": ["b"]})[0] == 200
+    finally:
+        runtime.release.set()
         running.stop()
 
 

@@ -132,7 +132,7 @@ def test_run_command_answers_good_lines_and_reports_each_bad_one(bundle, tmp_pat
     errors = {r["index"]: r.get("error", "") for r in rows}
     assert "label" in rows[0] and "label" in rows[6]
     assert 'needs a "text" string' in errors[1] and "not UTF-8" in errors[2] and "empty text" in errors[3]
-    assert "invalid JSON" in errors[4] and "over --max-chars 100" in errors[5]
+    assert "is not JSON" in errors[4] and "over --max-chars 100" in errors[5]
 
 
 def test_run_command_refuses_a_missing_bundle_before_reading_input(tmp_path, capsys):
