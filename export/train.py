@@ -12,10 +12,14 @@ A run is a folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -181,6 +185,40 @@ def _check_resume_config(run: Path, cfg: TrainConfig) -> None:
         raise RunError(f"--resume with a different configuration than {run} was started with ({details})")
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM during training: handled as Ctrl-C (the last finished epoch stays; ``--resume`` continues)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (a container stop, ``kill``) into :class:`TrainingInterrupted` while training runs."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers only work there
+        yield
+        return
+
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        raise TrainingInterrupted("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _mark_interrupted(run: Path, why: str, log) -> None:
+    """Say in run.json that training stopped early, after which epoch, and how to go on."""
+    state = run / "checkpoint" / "state.json"
+    epochs_done = json.loads(state.read_text())["epochs_done"] if state.is_file() else 0
+    info = json.loads((run / RUN_FILE).read_text())
+    info.update(status="interrupted", interrupted_by=why, epochs_done=epochs_done)
+    (run / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    log(
+        f"interrupted ({why}) after epoch {epochs_done}: {run / RUN_FILE} says status 'interrupted'; "
+        f"`cartosplit train --resume --out {run}` (same other options) continues from the last finished epoch"
+    )
+
+
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     """Train, record dynamics, map the data. Returns the summary also written to run.json."""
     import torch
@@ -224,6 +262,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     }
     if not resume:
         (run / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    else:  # an interrupted run trains again
+        previous = json.loads((run / RUN_FILE).read_text())
+        if previous.get("status") == "interrupted":
+            previous["status"] = "training"
+            (run / RUN_FILE).write_text(json.dumps(previous, indent=2) + "\n")
 
     head_params = list(model.heads.parameters())
     head_ids = {id(p) for p in head_params}
@@ -269,40 +312,45 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     labels = torch.from_numpy(train_set.labels)
     weights = torch.tensor(exit_weights(model.config.exit_depths()), dtype=torch.float32)
 
-    for epoch in range(first_epoch, cfg.epochs):
-        model.train()
-        torch.manual_seed(cfg.seed + 1000 + epoch)  # dropout stream per epoch: resume replays it exactly
-        batches = length_bucketed_batches(lengths, cfg.batch_size, np.random.default_rng(cfg.seed + epoch))
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
-        running = 0.0
-        for step, idx in enumerate(bar):
-            batch = to_torch(pad_batch([encoded[i] for i in idx]))
-            logits, _ = model(**batch)
-            y = labels[idx]
-            losses = torch.stack([torch.nn.functional.cross_entropy(lg, y) for lg in logits])
-            loss = (weights * losses).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():  # dynamics from the training pass itself, as Swayamdipta et al. record them
-                for k, lg in enumerate(logits):
-                    p = torch.softmax(lg.float(), dim=-1)
-                    gold_prob[epoch, idx, k] = p[torch.arange(len(idx)), y].numpy()
-                    correct[epoch, idx, k] = (p.argmax(-1) == y).numpy()
-            running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
-            bar.set_postfix(loss=f"{running:.3f}")
-        calib_probs, _ = predict_probs(model, calib_encoded, cfg.batch_size, progress="held-out dynamics")
-        calib_gold[epoch] = calib_probs[:, np.arange(len(calib_idx)), calib_set.labels].T
-        calib_correct[epoch] = (calib_probs.argmax(-1) == calib_set.labels[None, :]).T
-        dynamics = {"gold_prob": gold_prob, "correct": correct, "calib_gold_prob": calib_gold,
-                    "calib_correct": calib_correct}  # fmt: skip
-        _save_checkpoint(run, model, optimizer, scheduler, epoch + 1, dynamics)
-        log(
-            f"epoch {epoch + 1}: train accuracy per exit (device/edge/final) "
-            + "/".join(f"{correct[epoch, :, k].mean():.3f}" for k in range(EXITS))
-        )
+    try:
+        with _sigterm_as_interrupt():
+            for epoch in range(first_epoch, cfg.epochs):
+                model.train()
+                torch.manual_seed(cfg.seed + 1000 + epoch)  # dropout stream per epoch: resume replays it exactly
+                batches = length_bucketed_batches(lengths, cfg.batch_size, np.random.default_rng(cfg.seed + epoch))
+                bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+                running = 0.0
+                for step, idx in enumerate(bar):
+                    batch = to_torch(pad_batch([encoded[i] for i in idx]))
+                    logits, _ = model(**batch)
+                    y = labels[idx]
+                    losses = torch.stack([torch.nn.functional.cross_entropy(lg, y) for lg in logits])
+                    loss = (weights * losses).sum()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    with torch.no_grad():  # dynamics from the training pass itself, as Swayamdipta et al. record them
+                        for k, lg in enumerate(logits):
+                            p = torch.softmax(lg.float(), dim=-1)
+                            gold_prob[epoch, idx, k] = p[torch.arange(len(idx)), y].numpy()
+                            correct[epoch, idx, k] = (p.argmax(-1) == y).numpy()
+                    running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
+                    bar.set_postfix(loss=f"{running:.3f}")
+                calib_probs, _ = predict_probs(model, calib_encoded, cfg.batch_size, progress="held-out dynamics")
+                calib_gold[epoch] = calib_probs[:, np.arange(len(calib_idx)), calib_set.labels].T
+                calib_correct[epoch] = (calib_probs.argmax(-1) == calib_set.labels[None, :]).T
+                dynamics = {"gold_prob": gold_prob, "correct": correct, "calib_gold_prob": calib_gold,
+                                "calib_correct": calib_correct}  # fmt: skip
+                _save_checkpoint(run, model, optimizer, scheduler, epoch + 1, dynamics)
+                log(
+                    f"epoch {epoch + 1}: train accuracy per exit (device/edge/final) "
+                    + "/".join(f"{correct[epoch, :, k].mean():.3f}" for k in range(EXITS))
+                )
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the checkpoint of the last finished epoch stays
+        _mark_interrupted(run, "SIGTERM" if isinstance(exc, TrainingInterrupted) else "Ctrl-C", log)
+        raise
 
     model.save(run / "model")
     np.savez(

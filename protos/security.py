@@ -139,10 +139,12 @@ class ServerSecurity:
         """The token to require, read now from ``token_file``; None when there is none."""
         return None if self.token_file is None else read_token(self.token_file)
 
-    def interceptors(self) -> list[grpc.ServerInterceptor]:
-        """What ``grpc.server(interceptors=...)`` needs: the token check when a token is set."""
+    def interceptors(self, on_refusal: Callable[[str], None] | None = None) -> list[grpc.ServerInterceptor]:
+        """What ``grpc.server(interceptors=...)`` needs: the token check when a token is set.
+
+        ``on_refusal(method)`` is called for each call refused for its token (the server counts them)."""
         token = self.token()
-        return [BearerTokenInterceptor(token)] if token else []
+        return [BearerTokenInterceptor(token, on_refusal=on_refusal)] if token else []
 
     def __repr__(self) -> str:
         return _describe(
@@ -161,14 +163,20 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     Methods whose full name starts with one of ``exempt`` pass without it (health checks, by default:
     load balancers probe them; reflection is not exempt). Unary and streaming methods alike: a refused
     call never reaches its handler, and its request messages are not even parsed. The token is compared
-    in constant time and never logged.
+    in constant time and never logged. ``on_refusal(method)``, when given, is called for each refused call.
     """
 
-    def __init__(self, token: str, exempt: Sequence[str] = (HEALTH_PREFIX,)) -> None:
+    def __init__(
+        self,
+        token: str,
+        exempt: Sequence[str] = (HEALTH_PREFIX,),
+        on_refusal: Callable[[str], None] | None = None,
+    ) -> None:
         if not token:
             raise ValueError("the bearer token must not be empty")
         self._expected = token.encode("ascii")
         self.exempt = tuple(exempt)
+        self.on_refusal = on_refusal
 
     def __repr__(self) -> str:
         return f"BearerTokenInterceptor(exempt={self.exempt!r})"
@@ -192,14 +200,18 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if method.startswith(self.exempt) or self.authorized(handler_call_details.invocation_metadata):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
-        return None if handler is None else _refusal(handler, method)
+        return None if handler is None else _refusal(handler, method, self.on_refusal)
 
 
-def _refusal(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _refusal(
+    handler: grpc.RpcMethodHandler, method: str, on_refusal: Callable[[str], None] | None = None
+) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that logs and aborts with UNAUTHENTICATED."""
 
     def refuse(_request: object, context: grpc.ServicerContext) -> None:
         LOG.warning("unauthenticated", extra={"fields": {"method": method, "peer": context.peer()}})
+        if on_refusal is not None:
+            on_refusal(method)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
 
     if handler.request_streaming and handler.response_streaming:

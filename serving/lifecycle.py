@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 from cartosplit.protos.security import ServerSecurity
 from cartosplit.serving.config import ServerConfig, format_address, grpc_options
 from cartosplit.serving.logs import log_event
+from cartosplit.serving.metrics import RefusalCounter
 from cartosplit.serving.servicer import TierServicer
 
 
@@ -40,7 +41,14 @@ class TierServer:
         self.security = config.security or ServerSecurity()
         try:  # the files are read now: a missing or wrong one stops the server before it listens
             credentials = self.security.server_credentials()
-            interceptors = self.security.interceptors()
+            prefix = f"/{service_name}/"
+
+            def count_refusal(method: str) -> None:  # a bad token: counted here, before any handler runs
+                if method.startswith(prefix):
+                    self.metrics.refused(grpc.StatusCode.UNAUTHENTICATED)
+
+            # the token check first (refused calls stop there), then the count of what grpcio refuses
+            interceptors = [*self.security.interceptors(count_refusal), RefusalCounter(self.metrics, service_name)]
         except ValueError:
             servicer.close()
             raise

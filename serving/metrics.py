@@ -1,8 +1,15 @@
-"""Prometheus metrics of one tier server: requests by code, latency, batch sizes, bytes, forwards."""
+"""Prometheus metrics of one tier server: requests by code, latency, batch sizes, bytes, forwards.
+
+``cartosplit_requests_total{tier, code}`` counts the requests the servicer answered and also the calls
+refused before it ran (see :class:`RefusalCounter` and ``BearerTokenInterceptor(on_refusal=...)``):
+``UNAUTHENTICATED`` (no or a wrong bearer token), ``INTERNAL`` (bytes that do not parse as the request
+message; grpcio answers "Exception deserializing request!") and ``RESOURCE_EXHAUSTED`` (a unary request
+over the message limit).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -51,3 +58,88 @@ class TierMetrics:
 
     def batch_observer(self, graph: str) -> Callable[[int], None]:
         return self.batch_size.labels(self.tier, graph).observe
+
+    def refused(self, code: grpc.StatusCode, received: int = 0) -> None:
+        """A call refused before the servicer saw it: counted by code; no latency (nothing was served)."""
+        self.requests.labels(self.tier, code.name).inc()
+        if received:
+            self.received_bytes.labels(self.tier).inc(received)
+
+
+class RefusalCounter(grpc.ServerInterceptor):
+    """Counts the tier service's calls that grpcio refuses before the servicer runs.
+
+    - bytes that do not parse: the request deserializer is wrapped; its failure is counted as ``INTERNAL``
+      (what grpcio answers) and re-raised, so the client sees what it always saw.
+    - a unary request over ``grpc.max_receive_message_length``: grpc core answers RESOURCE_EXHAUSTED and drops
+      the message, so neither the deserializer nor a unary handler ever runs and no end-of-call event reaches
+      Python (measured on grpcio 1.85). A unary method is therefore served here as stream-unary: a unary
+      client always sends exactly one message, so a stream that ends without one is a message core refused,
+      counted as ``RESOURCE_EXHAUSTED``. For methods registered with ``add_registered_method_handlers`` (the
+      generated stubs do) grpcio instead reports the call as cancelled before its message arrived, which a
+      client cancelling that early would also look like (rare: a unary client sends its message with its
+      headers); it is counted as ``RESOURCE_EXHAUSTED``, or ``DEADLINE_EXCEEDED`` once the deadline has passed.
+      An oversize message inside ``InferStream`` ends the request iterator
+      like a normal end of stream, so Python cannot tell it apart: not counted.
+
+    Only methods under ``/<service_name>/`` are counted (not health checks or reflection). Bad-token calls are
+    counted by the token interceptor's ``on_refusal`` (it sits before this one, so they never get here).
+    """
+
+    def __init__(self, metrics: TierMetrics, service_name: str) -> None:
+        self.metrics = metrics
+        self.prefix = f"/{service_name}/"
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self.prefix):
+            return handler
+        undecodable: list[int] = []  # this call's (intercept_service runs once per call)
+        deserializer = self._counting_deserializer(handler.request_deserializer, undecodable)
+        if handler.request_streaming:
+            return handler._replace(request_deserializer=deserializer)
+        behavior = handler.unary_unary or handler.unary_stream
+        one = self._first_message(behavior, undecodable)
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(one, deserializer, handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(one, deserializer, handler.response_serializer)
+
+    def _counting_deserializer(
+        self, deserialize: Callable[[bytes], object] | None, undecodable: list[int]
+    ) -> Callable[[bytes], object]:
+        def counted(data: bytes) -> object:
+            if deserialize is None:
+                return data
+            try:
+                return deserialize(data)
+            except Exception:
+                undecodable.append(len(data))
+                self.metrics.refused(grpc.StatusCode.INTERNAL, len(data))
+                raise
+
+        return counted
+
+    def _first_message(
+        self, behavior: Callable[[object, grpc.ServicerContext], object], undecodable: list[int]
+    ) -> Callable:
+        def serve(requests: Iterator[object], context: grpc.ServicerContext) -> object:
+            try:
+                request = next(requests)
+            except StopIteration:  # core refused the one message (oversize); the client already has its status
+                self.metrics.refused(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the request message was refused by grpc")
+            except grpc.RpcError:  # the call ended before its message arrived (registered methods: oversize)
+                if not undecodable:  # (bytes that did not parse end it the same way: counted already)
+                    remaining = context.time_remaining()
+                    late = remaining is not None and remaining <= 0
+                    self.metrics.refused(
+                        grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.RESOURCE_EXHAUSTED
+                    )
+                raise
+            return behavior(request, context)
+
+        return serve

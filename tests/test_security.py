@@ -233,6 +233,16 @@ def test_bearer_token_guards_every_rpc_but_health(loaded, certs, tokens, logs, c
         assert health_status(no_token) == health_pb2.HealthCheckResponse.SERVING
         assert refused(lambda: reflect(no_token)).code() == Code.UNAUTHENTICATED
         assert "cartosplit.v1.CloudTier" in reflect(right)
+
+        # the refused calls never reached the servicer, yet they are counted: 6 Infer calls and 1 stream
+        # (the tier's methods only: the refused reflection call is not a request)
+        def requests(code: str) -> float:
+            return server.metrics.registry.get_sample_value(
+                "cartosplit_requests_total", {"tier": "cloud", "code": code}
+            )
+
+        assert requests("UNAUTHENTICATED") == 7
+        assert requests("OK") == 5
     finally:
         server.stop(0)
 

@@ -397,8 +397,32 @@ def test_oversized_messages_are_refused_by_grpc(loaded, ref):
         small = np.zeros((4, ref.hidden_size), np.float32)
         assert code_of(lambda: stub.Infer(request(loaded.bundle_id, ref.e, big), timeout=10)) == Code.RESOURCE_EXHAUSTED
         assert stub.Infer(request(loaded.bundle_id, ref.e, small), timeout=10).tier == pb.CLOUD
+        # grpc core refuses it before the servicer runs; it is counted all the same, by its code (by the
+        # server's thread, which may learn of it after the client has its answer)
+        deadline = time.monotonic() + 10
+        while metric(server, "cartosplit_requests_total", tier="cloud", code="RESOURCE_EXHAUSTED") < 1:
+            assert time.monotonic() < deadline, "the refused oversize request was never counted"
+            time.sleep(0.02)
+        assert metric(server, "cartosplit_requests_total", tier="cloud", code="RESOURCE_EXHAUSTED") == 1
+        assert metric(server, "cartosplit_requests_total", tier="cloud", code="OK") == 1
     finally:
         server.stop(0)
+
+
+def test_undecodable_bytes_are_counted_with_the_code_grpc_answers(cloud, loaded, ref):
+    before = metric(cloud, "cartosplit_requests_total", tier="cloud", code="INTERNAL")
+    with grpc.insecure_channel(cloud.address) as channel:
+        raw = channel.unary_unary(f"/{CLOUD_SERVICE}/Infer", request_serializer=None, response_deserializer=None)
+        garbage = b"\xff" * 12  # a field tag that never ends: not an InferRequest
+        with pytest.raises(grpc.RpcError) as info:
+            raw(garbage, timeout=10)
+        assert info.value.code() == Code.INTERNAL  # what grpcio answers; the servicer never ran
+        assert info.value.details() == "Exception deserializing request!"
+        # a well-formed message still goes through the same (wrapped) handler
+        stub = pb_grpc.CloudTierStub(channel)
+        small = np.zeros((4, ref.hidden_size), np.float32)
+        assert stub.Infer(request(loaded.bundle_id, ref.e, small), timeout=10).tier == pb.CLOUD
+    assert metric(cloud, "cartosplit_requests_total", tier="cloud", code="INTERNAL") - before == 1
 
 
 def test_health_and_reflection(loaded, cloud):

@@ -120,3 +120,29 @@ def test_calibrating_an_unfinished_run_is_refused(tmp_path):
         calibrate(CalibrateConfig(run=str(tmp_path)), **QUIET)
     with pytest.raises(RunError, match="not a training run"):
         calibrate(CalibrateConfig(run=str(tmp_path / "nothing")), **QUIET)
+
+
+def test_sigterm_during_training_keeps_the_last_epoch_and_says_so(tmp_path, tiny_model, synthetic_files):
+    import os
+    import signal
+
+    from cartosplit.export.train import TrainingInterrupted
+
+    cfg = tiny_train_config(tmp_path / "run", tiny_model, synthetic_files, epochs=2, train_size=64)
+    said = []
+
+    def log(message):  # a real SIGTERM to this process, right after epoch 1 was saved and logged
+        said.append(message)
+        if message.startswith("epoch 1:"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, log=log)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (info["status"], info["interrupted_by"], info["epochs_done"]) == ("interrupted", "SIGTERM", 1)
+    assert "--resume" in said[-1] and "after epoch 1" in said[-1]
+    train(cfg, resume=True, **QUIET)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "trained"
