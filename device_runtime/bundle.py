@@ -158,6 +158,8 @@ def describe(bundle: Bundle) -> str:
     )
     for fmt, report in (checked.formats if checked else {}).items():
         verdict = "ok" if report.passed else "FAILED"
+        if report.samples is not None and checked and report.samples != checked.samples:
+            verdict += f" on {report.samples} samples"
         parts = [f"{k} {v:.2e}" for k, v in report.max_abs_diff.items()]
         parts += [f"{k} {v:.4f}" for k, v in report.agreement.items()]
         lines.append(f"  {fmt:<12} {verdict}: " + ", ".join(parts))

@@ -262,10 +262,15 @@ class GraphSpec:
 class FormatVerdict(Flat):
     """One format's outputs against torch on the held-out samples, and whether they are within tolerance."""
 
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("samples",)
+
     max_abs_diff: dict[str, float]  # per logits output
     agreement: dict[str, float]  # labels at each exit, router argmax and decisions
     passed: bool
     failures: list[str]
+    # samples this format was checked on, where fewer than the validation's (TFLite: at most 64 per bucket);
+    # absent in bundles exported before it was recorded
+    samples: int | None = None
 
 
 @dataclass

@@ -70,7 +70,8 @@ def compare(reference: list[dict], produced: list[dict], policy: Policy) -> dict
             agree["router_decisions"] = float((_router_decisions(ref, policy) == _router_decisions(got, policy)).mean())
         else:
             agree[key.replace("_logits", "")] = float((ref.argmax(1) == got.argmax(1)).mean())
-    return {"max_abs_diff": diffs, "agreement": agree}
+    samples = sum(len(p[next(iter(p))]) for p in produced)
+    return {"max_abs_diff": diffs, "agreement": agree, "samples": samples}
 
 
 def mean_label_agreement(report: dict) -> float:
@@ -90,7 +91,11 @@ def judge(report: dict, atol: float | None, min_agreement: float) -> FormatVerdi
         if k != "router_argmax" and v < min_agreement
     ]
     return FormatVerdict(
-        max_abs_diff=report["max_abs_diff"], agreement=report["agreement"], passed=not failures, failures=failures
+        max_abs_diff=report["max_abs_diff"],
+        agreement=report["agreement"],
+        passed=not failures,
+        failures=failures,
+        samples=report.get("samples"),
     )
 
 

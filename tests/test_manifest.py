@@ -9,9 +9,11 @@ import json
 import pytest
 
 from cartosplit.device_runtime.bundle import load_bundle
+from cartosplit.device_runtime.json_checks import Problems
 from cartosplit.device_runtime.manifest import (
     SCHEMA_VERSION,
     BundleError,
+    FormatVerdict,
     Manifest,
     cloud_graph,
     cloud_graph_depth,
@@ -250,3 +252,18 @@ def test_one_rule_names_the_graphs_and_their_files():
         cloud_graph(0)  # at r = 0 the cloud gets tokens and runs `full`
     assert graph_path("onnx-fp32", "edge") == "onnx/fp32/edge.onnx"
     assert graph_path("tflite-fp32", "device_tail", 64) == "tflite/fp32/device_tail_s64.tflite"
+
+
+def test_a_format_verdict_records_how_many_samples_it_checked():
+    import numpy as np
+
+    from cartosplit.device_runtime.policy import Policy
+    from cartosplit.export.validation import compare, judge
+
+    rng = np.random.default_rng(0)
+    rows = [{"router_logits": rng.normal(size=(n, 3)), "device_logits": rng.normal(size=(n, 2))} for n in (1, 1, 3)]
+    verdict = judge(compare(rows, rows, Policy(0.9, 0.9, 0.5, 0.5)), 1e-3, 0.99)
+    assert verdict.passed and verdict.samples == 5  # TFLite checks one sample per row, ONNX a batch
+    assert verdict.to_dict()["samples"] == 5
+    old = {k: v for k, v in verdict.to_dict().items() if k != "samples"}  # bundles exported before it
+    assert FormatVerdict.read(old, "validation.formats.x", Problems()).to_dict() == old
