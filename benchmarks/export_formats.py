@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
+    if not m.model.task:
+        raise SystemExit("export-formats scores GLUE dev accuracy; this bundle was trained on its own data files")
     dev = load_glue(m.model.task, "dev", args.data_dir)
     tokenizer = load_tokenizer(bundle.path(m.tokenizer), m.model.max_length)
     encoded = encode(tokenizer, dev.texts, dev.text_pairs)

@@ -137,7 +137,7 @@ def describe(bundle: Bundle) -> str:
         ),
         f"id       {bundle.bundle_id} (requests carry it)"
         + ("" if bundle.manifest_sha256 == bundle.bundle_id else f"; manifest.json sha256 {bundle.manifest_sha256}"),
-        f"model    {model.id}  task {model.task}  labels {model.labels}",
+        f"model    {model.id}  task {model.task or 'own data files'}  labels {model.labels}",
         f"         {sp.total} layers x {model.hidden_size}, max length {model.max_length}, pooling {model.pooling}",
         f"split    router after layer {sp.router_depth}, device exit after {sp.device}, "
         f"edge exit after {sp.edge}, final at {sp.total}",

@@ -357,7 +357,8 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
 
     summary = {
         "run": str(run),
-        "task": tcfg.task,
+        "task": tcfg.task,  # None: the run's own data files (below), not a GLUE task
+        "data_files": [tcfg.train_file, tcfg.dev_file] if tcfg.train_file else None,
         "objective": asdict(cfg.objective),
         "guarantee": {
             "kind": cfg.guarantee,

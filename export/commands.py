@@ -9,6 +9,7 @@ into the install hint before any work starts.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import transformers  # noqa: F401  (loaded lazily by export.model; every command here needs it)
 
@@ -27,7 +28,11 @@ from cartosplit.export.train import TrainConfig, train
 
 def _add_train_options(p: argparse.ArgumentParser, out_default: str | None, size: int, calib: int, epochs: int) -> None:
     data = p.add_argument_group("data")
-    data.add_argument("--task", default="sst2", help="GLUE task: sst2, cola, mrpc or rte (default: %(default)s)")
+    data.add_argument(
+        "--task",
+        help="GLUE task: sst2, cola, mrpc or rte (default: sst2; with --train-file none: the run is labelled by "
+        "its data files, never as a GLUE task)",
+    )
     data.add_argument(
         "--data-dir",
         help="folder with <TASK>/train.tsv and dev.tsv in the GLUE layout; default: $CARTOSPLIT_DATA_DIR, "
@@ -69,10 +74,17 @@ def _add_train_options(p: argparse.ArgumentParser, out_default: str | None, size
     p.add_argument("--out", default=out_default, help="run folder (default: runs/<task>)")
 
 
+def _task(args: argparse.Namespace) -> str | None:
+    # a user's own files are not SST-2: the run, calibration.json and the manifest say "own data" (task None)
+    if args.task is None:
+        return None if args.train_file else "sst2"
+    return args.task
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        task=args.task,
-        out=args.out or f"runs/{args.task}",
+        task=_task(args),
+        out=args.out or f"runs/{_task(args) or Path(args.train_file).stem}",
         model=args.model,
         data_dir=args.data_dir,
         train_file=args.train_file,

@@ -43,7 +43,7 @@ EXITS = 3
 
 @dataclass
 class TrainConfig:
-    task: str = "sst2"
+    task: str | None = "sst2"  # a GLUE task; None for a user's own --train-file/--dev-file
     out: str = "runs/sst2"
     model: str = DEFAULT_MODEL
     data_dir: str | None = None
@@ -373,7 +373,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         correctness=carto.correctness,
         groups=groups,
     )
-    plot_data_map(carto, groups, run / "data_map.png", title=f"{cfg.task}: {len(groups)} training samples")
+    name = cfg.task or Path(cfg.train_file or "own data").name
+    plot_data_map(carto, groups, run / "data_map.png", title=f"{name}: {len(groups)} training samples")
     (run / "cartography.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
 
     dev_probs, _ = predict_probs(model, encode(tokenizer, dev.texts, dev.text_pairs), progress="dev")

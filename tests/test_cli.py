@@ -64,6 +64,11 @@ def test_train_then_calibrate_from_the_command_line(tmp_path, tiny_model, synthe
     printed = capsys.readouterr().out
     assert "dimec-dc (mlp@0)" in printed and "cascade (max-softmax)" in printed and "all-cloud" in printed
     assert (out / "calibration.json").is_file() and (out / "data_map.png").is_file()
+    # a user's own files are labelled as such, never as SST-2 (the default GLUE task)
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["task"] is None, run["config"]
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["task"] is None and calibration["data_files"] == [str(p) for p in synthetic_files]
 
 
 @pytest.mark.parametrize(
