@@ -58,6 +58,7 @@ from cartosplit.benchmarks.energy import (
 )
 from cartosplit.benchmarks.report import bench_command, bench_parser, publish, pyplot
 from cartosplit.benchmarks.timing import DeviceSlice, available_cores, pinned, summarize_ms, time_calls
+from cartosplit.cli_args import positive_int_list
 from cartosplit.device_runtime.cpu_features import CpuFeatures, int8_note, read_cpu_features
 from cartosplit.device_runtime.manifest import TFLITE_FP32, TFLITE_INT8
 
@@ -782,16 +783,6 @@ def plot(r: dict, path: Path) -> None:
 # -- command line -------------------------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _names(choices: tuple[str, ...]):
     def parse(text: str) -> list[str]:
         names = [x.strip() for x in text.split(",") if x.strip()]
@@ -809,13 +800,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--formats", type=_names(DEVICE_FORMATS), help="device formats (default: all it holds)")
     parser.add_argument(
         "--lengths",
-        type=_int_list,
+        type=positive_int_list,
         default=list(DEFAULT_LENGTHS),
         help="sequence lengths, capped at the model's max length (default 16,32,64,128)",
     )
     parser.add_argument("--texts", metavar="FILE", help="real inputs (text or JSONL): time the lengths they have")
     parser.add_argument("--typical-length", type=int, help="the length of the advice and the cost profile")
-    parser.add_argument("--threads", type=_int_list, help="thread counts (default 1..the cores available)")
+    parser.add_argument("--threads", type=positive_int_list, help="thread counts (default 1..the cores available)")
     parser.add_argument("--runs", type=int, default=20, help="at least this many timed calls per row (default 20)")
     parser.add_argument("--min-seconds", type=float, default=0.3, help="and at least this long (default 0.3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cartosplit.device_runtime.json_checks import read_json_file
+
 POWER_PROFILES = Path(__file__).with_name("power_profiles.json")
 DEVICE_PROFILES = Path(__file__).with_name("device_profiles.json")
 INA_NAME = re.compile(r"ina\d+.*")  # ina219, ina226, ina2xx, ina3221, ... (hwmon "name" files)
@@ -200,12 +202,7 @@ def idle_watts(meter: EnergyMeter, seconds: float = 1.0) -> float:
 def load_power_profiles(path: str | Path = POWER_PROFILES) -> dict[str, dict]:
     """Profiles by name, checked: positive watts keyed by core count or "all", and at least one cited source."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"power profiles {path} do not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"power profiles {path} are not valid JSON: {exc}") from None
+    raw = read_json_file(path, "power profiles", plural=True)
     profiles = raw.get("profiles") if isinstance(raw, dict) else None
     if not isinstance(profiles, dict) or not profiles:
         raise ValueError(f"{path}: expected an object with a non-empty 'profiles' object")

@@ -53,6 +53,7 @@ from cartosplit.benchmarks.energy import (  # noqa: F401  (the meter API, re-exp
 )
 from cartosplit.benchmarks.report import bench_command, bench_parser, publish, pyplot
 from cartosplit.benchmarks.timing import DeviceSlice, available_cores, pinned, summarize_ms, time_calls
+from cartosplit.cli_args import positive_int_list
 from cartosplit.device_runtime.manifest import FULL, cloud_graph_depth
 
 DEVICE_RUNTIMES = ("torch-fp32", "onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8")
@@ -681,23 +682,17 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = bench_parser("latency", __doc__)
     parser.add_argument("--bundle", required=True, help="bundle folder (all formats for every device row)")
     parser.add_argument("--run", help="the run the bundle came from: adds torch eager fp32 (skipped without it)")
-    parser.add_argument("--threads", type=_int_list, default=[1, 2], help="thread counts, each pinned (default 1,2)")
-    parser.add_argument("--batches", type=_int_list, default=[1, 8], help="batch sizes (default 1,8)")
-    parser.add_argument("--lengths", type=_int_list, default=[32, 64, 128], help="sequence lengths (default 32,64,128)")
+    parser.add_argument(
+        "--threads", type=positive_int_list, default=[1, 2], help="thread counts, each pinned (default 1,2)"
+    )
+    parser.add_argument("--batches", type=positive_int_list, default=[1, 8], help="batch sizes (default 1,8)")
+    parser.add_argument(
+        "--lengths", type=positive_int_list, default=[32, 64, 128], help="sequence lengths (default 32,64,128)"
+    )
     parser.add_argument("--runs", type=int, default=50, help="at least this many timed calls per configuration")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="and at least this many seconds of them")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")

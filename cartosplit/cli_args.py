@@ -25,6 +25,17 @@ def train_size(text: str) -> int | None:
     return None if text == "all" else positive_int(text)
 
 
+def positive_int_list(text: str) -> list[int]:
+    """Comma-separated integers, each >= 1 (thread counts, lengths, batch sizes)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def comma_list(kind: Callable[[str], T]) -> Callable[[str], tuple[T, ...]]:
     """A comma-separated list of ``kind``, as a tuple (empty items are skipped)."""
 

@@ -8,12 +8,13 @@ milliseconds or joules. Processing cost is per encoder layer on a tier, offloadi
 from __future__ import annotations
 
 import importlib.resources
-import json
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+
+from cartosplit.device_runtime.json_checks import read_json_file
 
 # Where a sample is answered. The integer codes are used in vectorised policy maths.
 TIER_DEVICE, TIER_EDGE, TIER_CLOUD_VIA_EDGE, TIER_CLOUD_DIRECT = 0, 1, 2, 3
@@ -93,12 +94,7 @@ class CostProfile:
     def from_json(cls, path: str | Path) -> CostProfile:
         """Load a profile; unknown keys are an error so a typo never silently falls back to a default."""
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ValueError(f"cost profile {path} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"cost profile {path} is not valid JSON: {exc}") from None
+        raw = read_json_file(path, "cost profile")
         if not isinstance(raw, dict):
             raise ValueError(f"cost profile {path} must be a JSON object")
         known = {f.name for f in fields(cls)}

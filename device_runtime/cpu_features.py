@@ -19,11 +19,12 @@ serve-device's ``format = "auto"``; a ``cartosplit bench device`` result measure
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cartosplit.device_runtime.json_checks import read_json_file
 
 CPUINFO = Path("/proc/cpuinfo")
 X86_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx")  # amx: the amx_int8 (or amx_tile) flag
@@ -213,12 +214,7 @@ def passed_formats(manifest) -> list[str]:
 def read_advice(path: str | Path) -> dict:
     """The ``advice`` of a ``cartosplit bench device`` result (its JSON file), with the CPU it was measured on."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"advice file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"advice file {path} is not valid JSON: {exc}") from None
+    raw = read_json_file(path, "advice file")
     advice = raw.get("advice") if isinstance(raw, dict) else None
     if not isinstance(advice, dict) or not isinstance(advice.get("format"), str):
         raise ValueError(f"{path} is not a `cartosplit bench device` result (no advice.format)")

@@ -8,9 +8,24 @@ manifest`` raises it. Torch-free.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from dataclasses import MISSING, fields, is_dataclass
+from pathlib import Path
 from typing import Any, ClassVar
+
+
+def read_json_file(path: str | Path, what: str, plural: bool = False) -> Any:
+    """The parsed JSON of a file a user points at; ValueError naming ``what`` when it is missing or not JSON."""
+    path = Path(path)
+    is_, does = ("are", "do") if plural else ("is", "does")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} {does} not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {path} {is_} not valid JSON: {exc}") from None
+
 
 Check = tuple[str, Callable[[Any], bool]]  # (what the value must be, test)
 
