@@ -88,11 +88,13 @@ COMMANDS: dict[str, Command] = {
             "export",
             "Slice the trained model into the graphs each tier runs (device head up to the router, device tail, "
             "edge, cloud from each entry depth, full model), export them to ONNX fp32 (dynamic batch and "
-            "sequence) and int8 (onnxruntime dynamic quantization; weight type and per-channel chosen by "
-            "measured agreement), and the device graphs to TFLite fp32/int8 (one file per sequence bucket). "
-            "Every artifact is checked against torch on held-out samples; beyond tolerance the bundle is refused "
-            "(kept as OUT.rejected). The bundle's manifest.json lists split points, policy, costs, validation "
-            "and the size and sha256 of every file.",
+            "sequence) and int8 (onnxruntime static quantization, calibrated on training samples: answers do not "
+            "depend on the batch or the CPU; recipe chosen by measured agreement), and the device graphs to "
+            "TFLite fp32/int8 (one file per sequence bucket). "
+            "Every artifact is checked against torch on held-out samples; a format beyond tolerance is left out "
+            "of the bundle and named with the flag that decides (exit status 1); if none passes, no bundle is "
+            "written (the artifacts are kept as OUT.rejected). The bundle's manifest.json lists split points, "
+            "policy, costs, validation and the size and sha256 of every file.",
         ),
         Command(
             "inspect",

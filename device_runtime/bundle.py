@@ -31,6 +31,7 @@ from cartosplit.device_runtime.manifest import (  # noqa: F401
     TIERS,
     BundleError,
     FileEntry,
+    FormatVerdict,
     Manifest,
     named_tier,
 )
@@ -122,6 +123,20 @@ def load_bundle(folder: str | Path, verify: bool = True) -> Bundle:
     return Bundle(folder, manifest, manifest.source_bundle or own, own)
 
 
+def refused_formats(manifest: Manifest) -> dict[str, FormatVerdict]:
+    """The formats the export validated and refused: their verdicts stay in ``validation``, their graphs are not in
+    the bundle (``formats`` and ``graphs`` list only what it holds, so no tier ever tries to load them)."""
+    if manifest.validation is None:
+        return {}
+    return {f: v for f, v in manifest.validation.formats.items() if not v.passed and f not in manifest.formats}
+
+
+def _input_kind(text_pairs: bool | None) -> str:
+    if text_pairs is None:
+        return "not recorded (exported before cartosplit recorded it)"
+    return "text pairs (text, text_pair)" if text_pairs else "single texts"
+
+
 def describe(bundle: Bundle) -> str:
     """A readable summary of a bundle (``cartosplit inspect``)."""
     m = bundle.manifest
@@ -139,6 +154,7 @@ def describe(bundle: Bundle) -> str:
         + ("" if bundle.manifest_sha256 == bundle.bundle_id else f"; manifest.json sha256 {bundle.manifest_sha256}"),
         f"model    {model.id}  task {model.task or 'own data files'}  labels {model.labels}",
         f"         {sp.total} layers x {model.hidden_size}, max length {model.max_length}, pooling {model.pooling}",
+        f"input    {_input_kind(model.text_pairs)}",
         f"split    router after layer {sp.router_depth}, device exit after {sp.device}, "
         f"edge exit after {sp.edge}, final at {sp.total}",
         f"router   {router and router.kind} at depth {router and router.depth}",
@@ -147,8 +163,11 @@ def describe(bundle: Bundle) -> str:
         + ", ".join(f"{k}={v}" for k, v in costs.to_dict().items() if isinstance(v, (int, float)))
         + f" ({costs.unit})",
         "formats  " + ", ".join(f"{k} {v.to_dict()}" for k, v in m.formats.items()),
-        "graphs",
     ]
+    refused = refused_formats(m)
+    if refused:
+        lines.append(f"refused  {', '.join(refused)} at export: not in the bundle (validation below says why)")
+    lines.append("graphs")
     for graph, spec in m.graphs.items():
         lines.append(f"  {graph:<16} in {spec.inputs} -> out {spec.outputs}")
     checked = m.validation
@@ -157,12 +176,13 @@ def describe(bundle: Bundle) -> str:
         "max abs diff vs torch; label / router agreement"
     )
     for fmt, report in (checked.formats if checked else {}).items():
-        verdict = "ok" if report.passed else "FAILED"
+        verdict = "ok" if report.passed else ("REFUSED, not in the bundle" if fmt in refused else "FAILED")
         if report.samples is not None and checked and report.samples != checked.samples:
             verdict += f" on {report.samples} samples"
         parts = [f"{k} {v:.2e}" for k, v in report.max_abs_diff.items()]
         parts += [f"{k} {v:.4f}" for k, v in report.agreement.items()]
-        lines.append(f"  {fmt:<12} {verdict}: " + ", ".join(parts))
+        lines.append(f"  {fmt:<12} {verdict}" + (": " + ", ".join(parts) if parts else ""))
+        lines += [f"  {'':<12} failed: {failure}" for failure in report.failures]
     total = sum(e.size for e in m.files.values())
     lines.append(f"files ({len(m.files)}, {total / 1e6:.1f} MB)")
     for rel, entry in m.files.items():

@@ -50,6 +50,9 @@ from cartosplit.device_runtime.policy import Policy
 SCHEMA_VERSION = 1
 # formats a graph may be stored in; TFLite graphs have fixed shapes, one file per sequence bucket
 ONNX_FP32, ONNX_INT8, TFLITE_FP32, TFLITE_INT8 = "onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"
+# onnx-int8's quantization: static (calibrated, QDQ: fixed activation scales, so an answer does not depend on its
+# batch) since schema 1 bundles of cartosplit 0.x; older bundles say DYNAMIC_QUANTIZATION (one scale per batch)
+STATIC_QUANTIZATION, DYNAMIC_QUANTIZATION = "onnxruntime static (QDQ)", "onnxruntime dynamic"
 FORMATS = (ONNX_FP32, ONNX_INT8, TFLITE_FP32, TFLITE_INT8)
 BUCKETED_FORMATS = (TFLITE_FP32, TFLITE_INT8)
 
@@ -134,7 +137,7 @@ def graph_path(fmt: str, graph: str, bucket: int | None = None) -> str:
 
 @dataclass(kw_only=True)
 class ModelInfo(Flat):
-    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("vocab_size",)
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("vocab_size", "text_pairs")
 
     id: str
     task: str | None = None  # None: trained on a data file, not a GLUE task
@@ -144,6 +147,9 @@ class ModelInfo(Flat):
     vocab_size: int | None = None  # bundles exported before the wire contract lack it
     max_length: int
     pooling: str | None = None
+    # True: trained on (text, text_pair) rows (MRPC, RTE, QNLI, or a data file with text_pair), so an input is a
+    # pair; False: single texts; None: a bundle exported before it was recorded (unknown), absent from its JSON
+    text_pairs: bool | None = None
 
 
 @dataclass(kw_only=True)
@@ -154,9 +160,12 @@ class FileEntry(Flat):
 
 @dataclass(kw_only=True)
 class Int8Candidate(Flat):
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("recipe",)
+
     weight_type: str
     per_channel: bool
     mean_label_agreement: float
+    recipe: str | None = None  # static int8's recipe name; absent for dynamic candidates
 
 
 @dataclass(kw_only=True)
@@ -167,15 +176,34 @@ class OnnxFormat(Flat):
 
 @dataclass(kw_only=True)
 class OnnxInt8Format(Flat):
-    """onnxruntime dynamic int8 and the candidates it was chosen from (by measured agreement with torch)."""
+    """onnxruntime int8 and the candidates it was chosen from (by measured agreement with torch): static
+    (STATIC_QUANTIZATION, with its recipe and calibration) or, in older bundles, dynamic."""
 
     CHECKS: ClassVar[dict[str, Check]] = {"candidates": LIST}  # each item: Int8Candidate.read
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = (
+        "recipe",
+        "recipe_description",
+        "activation_type",
+        "reduce_range",
+        "calibration_samples",
+    )
 
     opset: int
     quantization: str
     weight_type: str
     per_channel: bool
     candidates: list[Int8Candidate]
+    # static int8 only (absent in dynamic bundles)
+    recipe: str | None = None
+    recipe_description: str | None = None
+    activation_type: str | None = None
+    reduce_range: bool | None = None  # 7-bit weights: exact integer products on every CPU (no x86 saturation)
+    calibration_samples: int | None = None  # training samples the activation scales were set on
+
+    @property
+    def batch_independent(self) -> bool:
+        """Static scales: a sample's answer does not depend on what else is in its batch."""
+        return self.quantization == STATIC_QUANTIZATION
 
     @classmethod
     def read(cls, raw: Any, path: str, problems: Problems) -> OnnxInt8Format | None:
@@ -278,6 +306,9 @@ class Validation:
     samples: int
     source: str  # which samples: the run's calibration split, held out from training
     formats: dict[str, FormatVerdict]
+    # the exporting machine's CPU (cpu_features.CpuFeatures.summary()): int8 verdicts were measured there;
+    # absent in bundles exported before it was recorded
+    cpu: dict | None = None
 
     @classmethod
     def read(cls, raw: Any, path: str, problems: Problems) -> Validation | None:
@@ -287,11 +318,15 @@ class Validation:
         samples = problems.take(raw, path, "samples", INT)
         source = problems.take(raw, path, "source", STR)
         verdicts = entries(problems.take(raw, path, "formats"), at(path, "formats"), problems, FormatVerdict.read)
-        problems.only(raw, path, ("samples", "source", "formats"))
-        return cls(samples, source, verdicts) if len(problems.found) == before else None
+        cpu = problems.take(raw, path, "cpu", nullable(OBJECT), required=False)
+        problems.only(raw, path, ("samples", "source", "formats", "cpu"))
+        return cls(samples, source, verdicts, copy.deepcopy(cpu)) if len(problems.found) == before else None
 
     def to_dict(self) -> dict:
-        return {"samples": self.samples, "source": self.source, "formats": plain(self.formats)}
+        out = {"samples": self.samples, "source": self.source, "formats": plain(self.formats)}
+        if self.cpu is not None:
+            out["cpu"] = copy.deepcopy(self.cpu)
+        return out
 
 
 @dataclass

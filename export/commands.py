@@ -9,19 +9,24 @@ into the install hint before any work starts.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import transformers  # noqa: F401  (loaded lazily by export.model; every command here needs it)
 
 from cartosplit.cli_args import comma_list, positive_int, train_size
+from cartosplit.device_runtime.bundle import load_bundle, refused_formats
 from cartosplit.device_runtime.defaults import DEFAULT_DEVICE_SPLIT, DEFAULT_EDGE_SPLIT, DEFAULT_MODEL
 from cartosplit.device_runtime.policy import Objective
-from cartosplit.export.bundle_writer import ExportConfig, export_bundle
+from cartosplit.export.bundle_writer import ExportConfig, ExportRefused, export_bundle
 from cartosplit.export.calibrate import CalibrateConfig, calibrate
 from cartosplit.export.cartography import GroupingRule
 from cartosplit.export.demo import run_demo
+from cartosplit.export.quiet import quiet_known_noise
 from cartosplit.export.router import RouterConfig
 from cartosplit.export.train import TrainConfig, train
+
+quiet_known_noise()  # before anything imports torchao (litert-torch does): two harmless log lines, see quiet.py
 
 # --- train ------------------------------------------------------------------------------------------------
 
@@ -258,7 +263,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--formats",
         type=comma_list(str),
         default=("onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"),
-        help="comma-separated subset of onnx-fp32,onnx-int8,tflite-fp32,tflite-int8 (default: all)",
+        help="comma-separated subset of onnx-fp32,onnx-int8,tflite-fp32,tflite-int8 (default: all); a format that "
+        "fails validation is left out of the bundle, named on stderr with the flag that decides, and the exit status "
+        "is 1 (no bundle if none passes)",
     )
     parser.add_argument(
         "--buckets", type=comma_list(int), default=(32, 64, 128), help="TFLite sequence lengths (default: 32,64,128)"
@@ -267,6 +274,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation-samples", type=positive_int, default=256, help="held-out samples checked")
     parser.add_argument(
         "--fp32-tolerance", type=float, default=1e-3, help="max abs logit diff for fp32 (default: 1e-3)"
+    )
+    parser.add_argument(
+        "--fp32-min-agreement",
+        type=float,
+        default=ExportConfig.fp32_min_agreement,
+        help="min label/router agreement for fp32 (default: %(default)s)",
     )
     parser.add_argument(
         "--int8-min-agreement", type=float, default=0.95, help="min label/router agreement for int8 (default: 0.95)"
@@ -290,25 +303,34 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _stderr(line: str) -> None:
+    print(f"cartosplit export: {line}", file=sys.stderr)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    """``cartosplit export``."""
-    export_bundle(
-        ExportConfig(
-            run=args.run,
-            out=args.out,
-            formats=args.formats,
-            buckets=args.buckets,
-            opset=args.opset,
-            validation_samples=args.validation_samples,
-            fp32_tolerance=args.fp32_tolerance,
-            int8_min_agreement=args.int8_min_agreement,
-            threads=args.threads,
-            overwrite=args.overwrite,
-            tiers=args.tiers,
-            device_formats=args.device_formats,
-        )
+    """``cartosplit export``: 0 when every format passed; 1 when some were refused (the bundle holds the others,
+    each refusal is on stderr with the flag that decides) or none passed (no bundle)."""
+    config = ExportConfig(
+        run=args.run,
+        out=args.out,
+        formats=args.formats,
+        buckets=args.buckets,
+        opset=args.opset,
+        validation_samples=args.validation_samples,
+        fp32_tolerance=args.fp32_tolerance,
+        fp32_min_agreement=args.fp32_min_agreement,
+        int8_min_agreement=args.int8_min_agreement,
+        threads=args.threads,
+        overwrite=args.overwrite,
+        tiers=args.tiers,
+        device_formats=args.device_formats,
     )
-    return 0
+    try:
+        out = export_bundle(config, warn=_stderr)
+    except ExportRefused as exc:
+        _stderr(str(exc))
+        return 1
+    return 1 if refused_formats(load_bundle(out, verify=False).manifest) else 0
 
 
 # --- demo -------------------------------------------------------------------------------------------------

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+import numpy as np
 import torch
 
 from cartosplit.device_runtime.manifest import (
     ONNX_FP32,
     ONNX_INT8,
+    STATIC_QUANTIZATION,
     FormatInfo,
     FormatVerdict,
     Int8Candidate,
@@ -27,8 +29,8 @@ from cartosplit.device_runtime.manifest import (
     graph_path,
 )
 from cartosplit.device_runtime.onnx_backend import OnnxSession
-from cartosplit.export.onnx_export import INT8_CANDIDATES, export_onnx, quantize_int8
-from cartosplit.export.validation import HeldOut, RunGraph, judge, mean_label_agreement
+from cartosplit.export.onnx_export import STATIC_INT8_RECIPES, export_onnx, quantize_int8_static
+from cartosplit.export.validation import HeldOut, RunGraph, chain, judge, mean_label_agreement
 
 
 class ExportError(ValueError):
@@ -45,6 +47,8 @@ class ExportContext:
     opset: int
     threads: int | None
     log: Callable[[str], None]
+    # padded token batches of training samples (never the held-out ones): what static int8 is calibrated on
+    calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
 
     @property
     def slices(self) -> dict:
@@ -102,8 +106,10 @@ class OnnxFp32Exporter:
 
 @dataclass
 class OnnxInt8Exporter:
-    """onnxruntime dynamic int8, quantized from the fp32 graphs (export those first). The weight type and the
-    per-channel setting are chosen by measured label agreement with torch: BERT is sensitive to both."""
+    """onnxruntime static int8 (QDQ), quantized from the fp32 graphs (export those first) and calibrated on
+    training samples (``ExportContext.calibration``), never on the held-out ones it is judged on. The recipe
+    is chosen by measured label agreement with torch (:data:`STATIC_INT8_RECIPES`). Static, so an answer
+    does not depend on its batch; 7-bit weights, so it does not depend on the host's CPU (see onnx_export)."""
 
     ATOL_FOR_VALIDATION: ClassVar[float | None] = None  # quantized: logits move, only the decisions are judged
     MIN_AGREEMENT: ClassVar[float] = 0.95
@@ -115,29 +121,39 @@ class OnnxInt8Exporter:
     _chosen_report: dict | None = field(default=None, init=False, repr=False)
 
     def export(self, ctx: ExportContext) -> Exported:
+        if not ctx.calibration:
+            raise ExportError(f"{self.fmt} is calibrated on training samples: the export context has none")
         onnx = ctx.work / "onnx"
+        feeds = _graph_feeds(onnx / "fp32", ctx)
         candidates = []
-        for weight_type, per_channel in INT8_CANDIDATES:
-            folder = onnx / f"int8-{weight_type}-{'pc' if per_channel else 'pt'}"
+        for recipe in STATIC_INT8_RECIPES:
+            folder = onnx / f"int8-{recipe.name}"
             for name in ctx.slices:
-                quantize_int8(ctx.work / graph_path(ONNX_FP32, name), folder / f"{name}.onnx", weight_type, per_channel)
+                src = ctx.work / graph_path(ONNX_FP32, name)
+                quantize_int8_static(src, folder / f"{name}.onnx", feeds[name], recipe)
             report = ctx.held_out.measure(_onnx_runner(folder, ctx))
             score = mean_label_agreement(report)
-            candidates.append((score, weight_type, per_channel, folder, report))
-            ctx.log(f"  int8 {weight_type} per_channel={per_channel}: mean label agreement {score:.4f}")
-        _, weight_type, per_channel, folder, self._chosen_report = max(candidates, key=lambda c: c[0])
+            candidates.append((score, recipe, folder, report))
+            ctx.log(f"  int8 static {recipe.name}: mean label agreement {score:.4f}")
+        _, recipe, folder, self._chosen_report = max(candidates, key=lambda c: c[0])
         folder.rename(ctx.work / format_folder(self.fmt))
-        for *_, other, _ in candidates:
+        for _, _, other, _ in candidates:
             shutil.rmtree(other, ignore_errors=True)
-        ctx.log(f"{self.fmt}: chose {weight_type} per_channel={per_channel}")
+        ctx.log(f"{self.fmt}: chose {recipe.name} ({recipe.describe()})")
         info = OnnxInt8Format(
             opset=ctx.opset,
-            quantization="onnxruntime dynamic",
-            weight_type=weight_type,
-            per_channel=per_channel,
+            quantization=STATIC_QUANTIZATION,
+            weight_type="QInt8",
+            per_channel=True,
             candidates=[
-                Int8Candidate(weight_type=w, per_channel=p, mean_label_agreement=s) for s, w, p, *_ in candidates
+                Int8Candidate(weight_type="QInt8", per_channel=True, mean_label_agreement=s, recipe=r.name)
+                for s, r, *_ in candidates
             ],
+            recipe=recipe.name,
+            recipe_description=recipe.describe(),
+            activation_type="QUInt8",
+            reduce_range=True,
+            calibration_samples=sum(len(b["input_ids"]) for b in ctx.calibration),
         )
         return Exported(info, {name: graph_path(self.fmt, name) for name in ctx.slices})
 
@@ -145,3 +161,17 @@ class OnnxInt8Exporter:
         if self._chosen_report is None:
             raise RuntimeError("validate() needs export() first: the candidate search measures the int8 graphs")
         return judge(self._chosen_report, self.atol, self.min_agreement)
+
+
+def _graph_feeds(fp32: Path, ctx: ExportContext) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Every slice's inputs on the calibration samples, as the fp32 tier chain produces them."""
+    sessions = {name: OnnxSession(fp32 / f"{name}.onnx", ctx.threads) for name in ctx.slices}
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in ctx.slices}
+
+    def run(name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        feeds[name].append(dict(zip(sessions[name].input_names, inputs, strict=True)))
+        return sessions[name].run(inputs)
+
+    for batch in ctx.calibration:
+        chain(run, batch, set(ctx.slices), ctx.held_out.r, ctx.held_out.e)
+    return feeds

@@ -64,10 +64,19 @@ def synthetic_rows(n: int, seed: int, noise: float = 0.05) -> list[tuple[str, st
     return rows
 
 
-def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+def synthetic_pair_rows(n: int, seed: int, noise: float = 0.05) -> list[tuple[str, str, str]]:
+    """(text, text_pair, label): ``synthetic_rows``' sentence as the text, and a second, cue-free one as its pair,
+    for a run trained on text pairs (as MRPC or RTE are)."""
+    rng = random.Random(seed + 1)
+    rows = synthetic_rows(n, seed, noise)
+    return [(text, " ".join(rng.sample(FILLER, rng.randint(2, 5))), label) for text, label in rows]
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]] | list[tuple[str, str, str]]) -> Path:
+    """Rows of (text, label), or (text, text_pair, label) from ``synthetic_pair_rows``, under their header."""
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["text", "label"])
+        writer.writerow(["text", "text_pair", "label"] if rows and len(rows[0]) == 3 else ["text", "label"])
         writer.writerows(rows)
     return path
 

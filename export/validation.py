@@ -99,6 +99,19 @@ def judge(report: dict, atol: float | None, min_agreement: float) -> FormatVerdi
     )
 
 
+TOLERANCE, AGREEMENT = "tolerance", "agreement"  # the two bars judge() holds a format to
+
+
+def failed_bar(failure: str) -> str | None:
+    """Which bar a failure line of ``judge`` missed: TOLERANCE (a max abs diff) or AGREEMENT; None for any other
+    line (an export that raised), which no threshold decides."""
+    if " max abs diff " in failure:
+        return TOLERANCE
+    if " agreement " in failure:
+        return AGREEMENT
+    return None
+
+
 @dataclass
 class HeldOut:
     """The validation samples and the torch reference on them."""

@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 
 from cartosplit.device_runtime.bundle import Bundle
+from cartosplit.device_runtime.manifest import ONNX_INT8
 from cartosplit.device_runtime.numerics import softmax
 from cartosplit.protos import tiers_pb2 as pb
 from cartosplit.protos.codec import TensorError
@@ -62,15 +63,30 @@ class TierServicer:
     def add_graphs(self, kinds: dict[str, str]) -> None:
         """Open ``{graph: kind}`` on the backend (all at once: a Ray backend deploys them as one application)."""
         sessions = self.backend.open_graphs(self.bundle, kinds, self.config.fmt, self.config.threads, self.tier_name)
+        max_batch = self.batch_limit()
         for graph, kind in kinds.items():
             self.batchers[graph] = Batcher(
                 sessions[graph],
-                self.config.max_batch,
+                max_batch,
                 self.config.max_wait_ms,
                 kind,
                 name=graph,
                 on_batch=self.metrics.batch_observer(graph),
             )
+
+    def batch_limit(self) -> int:
+        """``max_batch``, except 1 for dynamic int8 (bundles exported before static int8): its activation scale
+        is taken per batch, so batching would make an answer depend on the other requests in its batch."""
+        info = self.bundle.manifest.formats.get(self.config.fmt)
+        if self.config.fmt == ONNX_INT8 and not getattr(info, "batch_independent", True) and self.config.max_batch > 1:
+            log_event(
+                logging.WARNING,
+                "batching_off",
+                tier=self.tier_name,
+                reason="dynamic int8: answers would depend on the batch; re-export for static int8",
+            )
+            return 1
+        return self.config.max_batch
 
     def run_graph(self, graph: str, arrays: tuple[np.ndarray, ...], context: grpc.ServicerContext) -> BatchResult:
         """One sample through ``graph`` via its batcher, waiting no longer than the client's deadline."""
