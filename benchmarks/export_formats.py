@@ -183,9 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {fmt} | {graph} | {mb:.2f} |")
     lines += ["", "## Parity at export (held-out calibration samples, vs torch)", ""]
     for fmt, v in m.validation.formats.items():
+        if not v.max_abs_diff:  # refused before it could be measured (its export raised)
+            lines.append(f"- {fmt}: refused, not measured: {'; '.join(v.failures)}")
+            continue
         worst = max(v.max_abs_diff.values())
         agree = ", ".join(f"{k} {x:.4f}" for k, x in v.agreement.items())
-        lines.append(f"- {fmt}: max abs logit diff {worst:.2e}; agreement {agree}")
+        refused = "" if v.passed else f" (refused: {'; '.join(v.failures)})"
+        lines.append(f"- {fmt}: max abs logit diff {worst:.2e}; agreement {agree}{refused}")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -149,6 +149,11 @@ def run_demo(
             log=log,
         )
     bundle = load_bundle(bundle_dir)
+    for role, fmt in (("device", device_format), ("servers", server_format)):
+        if fmt not in bundle.manifest.formats:  # refused at export (its line said why): run on fp32 instead
+            log(f"{fmt} was refused at export: the {role} run onnx-fp32")
+    device_format = device_format if device_format in bundle.manifest.formats else "onnx-fp32"
+    server_format = server_format if server_format in bundle.manifest.formats else "onnx-fp32"
 
     dev = load_glue(train_cfg.task, "dev", train_cfg.data_dir) if not train_cfg.dev_file else None
     if dev is None:
