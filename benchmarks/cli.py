@@ -43,8 +43,20 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "cartosplit.benchmarks.device_profiles",
         "cost profiles per cited device (Pi Zero 2 W, Pi 4/5, phone) x link",
     ),
+    "int8-batch": (
+        "cartosplit.benchmarks.int8_batch",
+        "does an int8 answer depend on its batch: static vs dynamic int8 vs fp32 (labels moved, accuracy, speed)",
+    ),
     "fuzz": ("cartosplit.benchmarks.fuzz_server", "malformed requests against live servers"),
+    "http-fuzz": (
+        "cartosplit.benchmarks.http_fuzz",
+        "raw-socket garbage against serve-device's HTTP API, fuzzed JSONL through `cartosplit run`: 5xx, lost lines",
+    ),
     "load": ("cartosplit.benchmarks.load", "many concurrent device runtimes against live servers"),
+    "chaos": (
+        "cartosplit.benchmarks.chaos",
+        "load while the edge and the cloud are killed, frozen and restarted at random: lost, duplicates, phases",
+    ),
     "tier-bundles": (
         "cartosplit.benchmarks.tier_bundles",
         "device tier bundle vs full bundle: bytes held vs loaded, start-up time",

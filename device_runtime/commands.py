@@ -11,12 +11,22 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator
 
 from cartosplit.cli_args import positive_int
 from cartosplit.device_runtime import service
 from cartosplit.device_runtime.bundle import describe, load_bundle
-from cartosplit.device_runtime.inputs import InputError, parse_json, text_problem
+from cartosplit.device_runtime.input_formats import (
+    INPUT_FORMATS,
+    InputRow,
+    ReadOptions,
+    count_inputs,
+    read_inputs,
+    read_label_file,
+    resolve_format,
+)
+from cartosplit.device_runtime.inputs import trained_on_pairs
+from cartosplit.device_runtime.scoring import Bootstrap, ScoreBook, summarise
+from cartosplit.device_runtime.scoring import describe as describe_summary
 
 # --- run --------------------------------------------------------------------------------------------------
 
@@ -47,7 +57,40 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoding", choices=("fp32", "fp16", "int8"), default="fp16", help="activations on the wire")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds per remote call (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads for the device graphs")
-    parser.add_argument("--input", default="-", help="text or JSONL file (default: stdin)")
+    parser.add_argument("--input", default="-", help="text, JSONL, CSV or TSV file (default: stdin)")
+    parser.add_argument(
+        "--input-format",
+        choices=INPUT_FORMATS,
+        default="auto",
+        help="auto: .csv/.tsv files are tables, any other input is read per line (a line starting with '{' is "
+        "JSON, any other a text); text: every line a text; jsonl: every line JSON with keys text, text_pair, "
+        "label, id; csv/tsv: a header row naming the columns: text (or sentence, sentence1, question, ...), "
+        "text_pair (or sentence2, ...), label, id (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="text lines: one label (a name or an id) per non-blank line, for each input in order; "
+        "the run then scores its answers (JSON lines and tables give a label field or column instead)",
+    )
+    parser.add_argument(
+        "--summary",
+        metavar="FILE",
+        help="write the summary as JSON: accuracy and the task's metric with bootstrap intervals, the share "
+        "each tier answered, the all-cloud comparison",
+    )
+    parser.add_argument(
+        "--compare-all-cloud",
+        action="store_true",
+        help="also send every answered input to the cloud's full model (needs --cloud): all-cloud's accuracy "
+        "and metric, its agreement with the kit, and the paired difference",
+    )
+    parser.add_argument(
+        "--resamples",
+        type=positive_int,
+        default=1000,
+        help="bootstrap resamples of the intervals (default: %(default)s)",
+    )
     parser.add_argument("--output", default="-", help="JSONL output file (default: stdout)")
     parser.add_argument(
         "--max-chars",
@@ -65,56 +108,75 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _read_inputs(source: Iterable[bytes], max_chars: int) -> Iterator[tuple[int, str | None, str | None, str | None]]:
-    """(index, text, text_pair, error) per non-blank input line: text lines or JSON Lines, per line.
+def _check_run_options(args: argparse.Namespace, fmt: str) -> None:
+    """Usage errors (exit 2), found before the bundle is loaded or any input read."""
+    if args.compare_all_cloud and not args.cloud:
+        raise ValueError("--compare-all-cloud needs --cloud: all-cloud sends every input's tokens to the cloud")
+    if args.labels and fmt not in ("auto", "text"):
+        where = 'its "label" field' if fmt == "jsonl" else "its label column"
+        raise ValueError(f"--labels FILE is for text lines; a {fmt} input gives each input's label in {where}")
 
-    A bad line (not UTF-8, not JSON or JSON too deep to read, no "text", a lone surrogate, empty or oversize
-    text) gets its error and the rest goes on: one unreadable line never costs the others their answers.
-    """
-    index = 0
-    for number, raw in enumerate(source, 1):
+
+def _check_label_count(labels: tuple[str, ...], path: str, labels_path: str) -> None:
+    """--labels must hold one label per input: a shifted file would score every answer against the wrong label."""
+    with open(path, "rb") as source:
+        n = count_inputs(source)
+    if n != len(labels):
+        raise ValueError(
+            f"--labels {labels_path} holds {len(labels)} labels but {path} holds {n} inputs (non-blank lines); "
+            "give one label per input, in the same order"
+        )
+
+
+def _answer(runtime, row: InputRow, book: ScoreBook, compare: bool) -> dict:
+    """One input's output line: the kit's answer (or the error), the label given, all-cloud's answer."""
+    out: dict = {"index": row.index}
+    if row.id is not None:
+        out["id"] = row.id
+    error, prediction = row.error, None
+    if error is None:
         try:
-            line = raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError as exc:
-            yield index, None, None, f"line {number}: not UTF-8 ({exc.reason} at byte {exc.start})"
-            index += 1
-            continue
-        if not line.strip():
-            continue
-        text, pair, error = line, None, None
-        if line.lstrip().startswith("{"):
-            try:
-                record = parse_json(line, f"line {number}")
-            except InputError as exc:
-                record, error = {}, str(exc)
-            text, pair = record.get("text"), record.get("text_pair")
-            if error is None and not isinstance(text, str):
-                error = f'line {number}: a JSON line needs a "text" string'
-            elif error is None and pair is not None and not isinstance(pair, str):
-                error = f'line {number}: "text_pair" must be a string'
-            for name, value in (("text", text), ("text_pair", pair)):
-                problem = None if error is not None or value is None else text_problem(value)
-                if problem:
-                    error = f'line {number}: "{name}" {problem}'
-        if error is None:
-            error = _check_text(text, number, max_chars) or (pair is not None and _check_text(pair, number, max_chars))
-        yield index, text, pair, error or None
-        index += 1
+            prediction = runtime.predict([row.text], None if row.pair is None else [row.pair])[0]
+        except ValueError as exc:  # the runtime refused this input: its line says why, the rest go on
+            error = str(exc)
+    if prediction is None:
+        out["error"] = error
+        return out
+    out.update(prediction.to_dict())
+    if row.label is not None:
+        out["label_given"] = runtime.labels[row.label]
+    cloud_id = None
+    if compare:
+        try:
+            cloud = runtime.predict_all_cloud([row.text], None if row.pair is None else [row.pair])[0]
+            cloud_id, out["all_cloud_label"] = cloud.label_id, cloud.label
+        except ConnectionError as exc:  # the kit's answer stands; only the comparison misses this input
+            out["all_cloud_error"] = str(exc)
+            book.all_cloud_failed += 1
+    book.add(row.label, prediction.label_id, prediction.tier, cloud_id)
+    return out
 
 
-def _check_text(text: str, number: int, max_chars: int) -> str | None:
-    if not text.strip():
-        return f"line {number}: empty text"
-    if len(text) > max_chars:
-        return f"line {number}: {len(text)} characters is over --max-chars {max_chars}"
-    return None
+def _report(book: ScoreBook, runtime, args: argparse.Namespace, total: int, failed: int) -> None:
+    """The summary on stderr (when there is something to score) and in --summary FILE."""
+    model = runtime.bundle.manifest.model
+    summary = {"inputs": total, "errors": failed}
+    summary.update(summarise(book, model.task, runtime.labels, Bootstrap(resamples=args.resamples)))
+    if book.labelled or args.compare_all_cloud:
+        for line in describe_summary(summary):
+            print(f"cartosplit run: {line}", file=sys.stderr)
+    if args.summary:
+        with open(args.summary, "w", encoding="utf-8") as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``cartosplit run``: one JSON line per input; 1 when some inputs had errors."""
+    """``cartosplit run``: one JSON line per input; 1 when some inputs had errors, 2 for usage errors."""
     from cartosplit.device_runtime.runtime import DeviceRuntime
     from cartosplit.protos.security import ClientSecurity  # imports grpc: not at module level (see above)
 
+    fmt = resolve_format(args.input_format, args.input)
+    _check_run_options(args, fmt)
     security = ClientSecurity.from_options(args.ca, args.cert, args.key, args.token_file)
     # the bundle first: a wrong or tampered bundle is refused before any input is read
     runtime = DeviceRuntime(
@@ -132,24 +194,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if args.format == "auto":
         print(f"cartosplit run: --format auto chose {runtime.fmt}: {runtime.format_reason}", file=sys.stderr)
+    book = ScoreBook()
     failed = total = 0
     with runtime:
+        given = read_label_file(args.labels) if args.labels else None
+        if given is not None and args.input != "-":
+            _check_label_count(given, args.input, args.labels)
+        options = ReadOptions(
+            fmt=fmt,
+            max_chars=args.max_chars,
+            labels=tuple(runtime.labels),
+            text_pairs=trained_on_pairs(runtime),
+            given_labels=given,
+            name="stdin" if args.input == "-" else args.input,
+        )
         source = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
-        sink = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
-        with source, sink:
-            # one input at a time, written as it is answered: a long stream shows progress and loses nothing
-            for index, text, pair, error in _read_inputs(source, args.max_chars):
-                total += 1
-                if error is None:
-                    try:
-                        row = runtime.predict([text], None if pair is None else [pair])[0].to_dict()
-                    except ValueError as exc:  # the runtime refused this input: its line says why, the rest go on
-                        error = str(exc)
-                if error is not None:
-                    failed += 1
-                    row = {"error": error}
-                sink.write(json.dumps({"index": index, **row}) + "\n")
-                sink.flush()
+        with source:
+            rows = read_inputs(source, options)  # a bad header is refused here, before the output is opened
+            sink = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+            with sink:
+                # one input at a time, written as it is answered: a long stream shows progress and loses nothing
+                for row in rows:
+                    out = _answer(runtime, row, book, args.compare_all_cloud)
+                    total += 1
+                    failed += "error" in out
+                    sink.write(json.dumps(out) + "\n")
+                    sink.flush()
+        if given is not None and len(given) != total:  # stdin: only countable at its end
+            print(
+                f"cartosplit run: error: --labels {args.labels} holds {len(given)} labels for {total} inputs; "
+                "no summary (one label per input, in order)",
+                file=sys.stderr,
+            )
+            return 2
+        _report(book, runtime, args, total, failed)
     if failed:
         print(f"cartosplit run: {failed} of {total} inputs had errors (see their 'error' field)", file=sys.stderr)
         return 1

@@ -33,7 +33,7 @@ def parse_json(text: str, what: str) -> Any:
 def text_problem(value: Any) -> str | None:
     """Why ``value`` is not a text the tokenizer can read (absent: it is one); empty strings are the caller's."""
     if not isinstance(value, str):
-        return f"must be a string, not {_json_kind(value)}"
+        return f"must be a string, not {json_kind(value)}"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -41,13 +41,34 @@ def text_problem(value: Any) -> str | None:
     return None
 
 
-def _json_kind(value: Any) -> str:
+def trained_on_pairs(holder: Any) -> bool | None:
+    """``bundle.manifest.model.text_pairs`` of a runtime or a bundle: None when unknown (a bundle exported
+    before the field, or a test's stand-in runtime), and then no input is refused for having or lacking a pair."""
+    bundle = getattr(holder, "bundle", holder)
+    value = getattr(getattr(getattr(bundle, "manifest", None), "model", None), "text_pairs", None)
+    return value if isinstance(value, bool) else None
+
+
+def pair_problem(text_pairs: bool | None, has_pair: bool, pair_name: str = "text_pair") -> str | None:
+    """Why an input does not fit a model trained on pairs (``text_pairs`` True) or on single texts (False).
+
+    A pair model fed a lone text (or the reverse) still answers, but what it answers is meaningless: the
+    second segment it learned to compare against is missing. ``pair_name``: how the caller's input names it.
+    """
+    if text_pairs is True and not has_pair:
+        return f"this model was trained on text pairs: give {pair_name} too"
+    if text_pairs is False and has_pair:
+        return f"this model was trained on single texts: drop {pair_name}"
+    return None
+
+
+def json_kind(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
-    kinds = {int: "a number", float: "a number", list: "a list", dict: "an object"}
+    kinds = {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}
     return kinds.get(type(value), type(value).__name__)
 
 
-__all__ = ["InputError", "parse_json", "text_problem"]
+__all__ = ["InputError", "json_kind", "pair_problem", "parse_json", "text_problem", "trained_on_pairs"]

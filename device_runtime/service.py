@@ -39,7 +39,7 @@ from typing import Any
 
 from cartosplit.device_runtime.bundle import FORMATS
 from cartosplit.device_runtime.cpu_features import AUTO
-from cartosplit.device_runtime.inputs import InputError, parse_json, text_problem
+from cartosplit.device_runtime.inputs import InputError, pair_problem, parse_json, text_problem, trained_on_pairs
 from cartosplit.protos.addresses import is_loopback
 
 log = logging.getLogger("cartosplit.device_service")
@@ -259,8 +259,13 @@ class RequestError(Exception):
         self.message = message
 
 
-def parse_classify_request(body: bytes, config: ServiceConfig) -> tuple[list[str], list[str] | None]:
-    """``texts`` and ``text_pairs`` of a ``/v1/classify`` body, or :class:`RequestError` saying what is wrong."""
+def parse_classify_request(
+    body: bytes, config: ServiceConfig, text_pairs: bool | None = None
+) -> tuple[list[str], list[str] | None]:
+    """``texts`` and ``text_pairs`` of a ``/v1/classify`` body, or :class:`RequestError` saying what is wrong.
+
+    ``text_pairs``: the model was trained on pairs (True: a body without ``text_pairs`` is refused), on single
+    texts (False: one with them is), or unknown (None: an old bundle, nothing checked)."""
     try:
         payload = parse_json(body.decode("utf-8"), "body")
     except UnicodeDecodeError as exc:
@@ -290,6 +295,9 @@ def parse_classify_request(body: bytes, config: ServiceConfig) -> tuple[list[str
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     f"{name}[{i}] has {len(text)} characters, over this service's limit of {config.max_chars}",
                 )
+    problem = pair_problem(text_pairs, pairs is not None, '"text_pairs"')
+    if problem:
+        raise RequestError(HTTPStatus.BAD_REQUEST, problem)
     return texts, pairs
 
 
@@ -452,6 +460,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
+    def parse_request(self) -> bool:
+        # The base class takes a blank line for the request line and closes without a word, so
+        # "\r\nGET /healthz ..." got no answer at all; RFC 9112 (2.2) asks a server to skip empty lines before
+        # the request line. Skipped here (read_timeout still bounds the whole request).
+        while self.raw_requestline and not str(self.raw_requestline, "iso-8859-1").split():
+            self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline:  # the client ended the connection before any request line
+            self.close_connection = True
+            return False
+        if len(self.raw_requestline) > 65536:  # the base class checks only the first line it read
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            return False
+        return super().parse_request()
+
     def log_message(self, format: str, *args) -> None:  # the base class's signature; its access log
         log.debug(json.dumps({"event": "http", "client": self.address_string(), "message": format % args}))
 
@@ -464,6 +487,12 @@ class _Handler(BaseHTTPRequestHandler):
             status = HTTPStatus(code)
         except ValueError:
             status = HTTPStatus.BAD_REQUEST
+        # an unknown method or an HTTP version we do not speak is the client's mistake: 4xx, never 5xx
+        # (the library's 501 and 505), so that a 5xx always means the service itself failed
+        if status is HTTPStatus.NOT_IMPLEMENTED:
+            status, message = HTTPStatus.METHOD_NOT_ALLOWED, f"{message or status.phrase}; allowed: GET, POST"
+        elif status is HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
+            status, message = HTTPStatus.BAD_REQUEST, f"{message or status.phrase}; speak HTTP/1.0 or HTTP/1.1"
         if self.request_version in ("HTTP/0.9", ""):  # the request line was unreadable: answer in HTTP/1.0
             self.request_version = "HTTP/1.0"
         self.close_connection = True
@@ -544,7 +573,7 @@ class _Handler(BaseHTTPRequestHandler):
                 log.info(json.dumps({"event": "client_gone", "path": self.path}))
                 self.close_connection = True
                 return
-            texts, pairs = parse_classify_request(body, self.server.config)
+            texts, pairs = parse_classify_request(body, self.server.config, trained_on_pairs(self.server.runtime))
             if not self.server.slots.acquire(blocking=False):
                 raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "busy: too many requests waiting; retry shortly")
             try:

@@ -238,9 +238,20 @@ def test_classify_answers_like_cartosplit_run(live, bundle):
         assert got["tier"] == "device" and got["bytes_sent"] == 0  # no servers configured: nothing leaves
 
 
-def test_text_pairs_are_accepted(live):
-    status, reply = live.classify({"texts": ["good", "bad"], "text_pairs": ["the plot", "the actors"]})
-    assert status == 200 and len(reply["predictions"]) == 2
+def test_text_pairs_are_accepted_by_a_pair_model_and_refused_by_a_single_text_one(live):
+    model = live.service.runtime.bundle.manifest.model
+    body = {"texts": ["good", "bad"], "text_pairs": ["the plot", "the actors"]}
+    assert model.text_pairs is False  # the tiny model was trained on single texts
+    status, reply = live.classify(body)
+    assert status == 400 and "single texts" in reply["error"]
+    model.text_pairs = True
+    try:
+        status, reply = live.classify(body)
+        assert status == 200 and len(reply["predictions"]) == 2
+        status, reply = live.classify({"texts": ["good"]})
+        assert status == 400 and "text pairs" in reply["error"]
+    finally:
+        model.text_pairs = False
 
 
 def test_health_names_the_bundle_and_the_tiers(live, bundle):
@@ -409,7 +420,9 @@ def test_errors_of_the_http_parser_are_json_too(live):
     status, error = _json_error(_raw(live.port, b"NO SUCH THING/1.0\r\n\r\n"))
     assert status == 400 and "version" in error
     status, error = _json_error(_raw(live.port, b"FOO /v1/classify HTTP/1.0\r\n\r\n"))
-    assert status == 501 and "Unsupported method ('FOO')" in error
+    assert status == 405 and "Unsupported method ('FOO')" in error and "allowed: GET, POST" in error
+    status, error = _json_error(_raw(live.port, b"GET /healthz HTTP/2.0\r\n\r\n"))
+    assert status == 400 and "HTTP/1.1" in error  # no 5xx for a client's mistake
     huge = b"GET /healthz HTTP/1.0\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
     status, error = _json_error(_raw(live.port, huge))
     assert status == 431 and "Line too long" in error
