@@ -47,6 +47,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "cartosplit.benchmarks.int8_batch",
         "does an int8 answer depend on its batch: static vs dynamic int8 vs fp32 (labels moved, accuracy, speed)",
     ),
+    "int8-host": (
+        "cartosplit.benchmarks.int8_host",
+        "does an int8 answer depend on the CPU: natively vs an emulated x86 without VNNI (qemu)",
+    ),
     "fuzz": ("cartosplit.benchmarks.fuzz_server", "malformed requests against live servers"),
     "http-fuzz": (
         "cartosplit.benchmarks.http_fuzz",
