@@ -37,7 +37,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from cartosplit.benchmarks.report import bench_command, bench_parser, bounds_table, check, publish
+from cartosplit.benchmarks.report import bench_command, bench_parser, bounds_table, check, histogram_table, publish
 from cartosplit.device_runtime.bundle import Bundle, load_bundle
 from cartosplit.protos import tiers_pb2 as pb
 from cartosplit.protos.codec import PROTOCOL_VERSION, encode_tensor
@@ -928,9 +928,9 @@ def markdown(r: dict) -> list[str]:
             f"| {m['growth_after_warmup_mib']} |"
         )
     lines += ["", "## Status codes per server and RPC (one per RPC)", ""]
-    lines += _histogram_table(r["status_by_server_and_rpc"], "server, RPC")
+    lines += histogram_table(r["status_by_server_and_rpc"], "server, RPC")
     lines += ["", "## Status codes per kind of message", ""]
-    lines += _histogram_table(r["status_by_category"], "kind")
+    lines += histogram_table(r["status_by_category"], "kind")
     if r["problems"]:
         lines += ["", f"## Problems ({r['problem_count']}; first {len(r['problems'])} listed)", ""]
         lines += [f"- {kind}: {counts}" for kind, counts in r["problem_summary"].items()]
@@ -944,14 +944,6 @@ def markdown(r: dict) -> list[str]:
         lines += ["", "## Server error events", ""]
         for name, events in errors.items():
             lines += [f"- {name}: `{e[:500]}`" for e in events[:5]]
-    return lines
-
-
-def _histogram_table(table: dict[str, dict[str, int]], label: str) -> list[str]:
-    codes = sorted({c for row in table.values() for c in row})
-    lines = [f"| {label} | " + " | ".join(codes) + " |", "|---" * (len(codes) + 1) + "|"]
-    for key, row in table.items():
-        lines.append(f"| {key} | " + " | ".join(str(row.get(c, 0)) for c in codes) + " |")
     return lines
 
 

@@ -48,7 +48,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -57,10 +56,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cartosplit.benchmarks.report import bench_command, bench_parser, bounds_table, check, publish
+from cartosplit.benchmarks.report import bench_command, bench_parser, bounds_table, check, histogram_table, publish
 from cartosplit.device_runtime.bundle import load_bundle
 from cartosplit.device_runtime.inputs import trained_on_pairs
-from cartosplit.serving.process import READY, RssMonitor, memory_summary, rss_mib
+from cartosplit.serving.process import RssMonitor, ServerProcess, memory_summary, rss_mib
 
 API = b"/v1/classify"
 HEALTH = b"/healthz"
@@ -100,43 +99,19 @@ def write_config(folder: Path, bundle: Path, limits: Limits, threads: int) -> Pa
     return path
 
 
-class DeviceServer:
+class DeviceServer(ServerProcess):
     """``cartosplit serve-device`` as a subprocess; its whole stderr (the service's log) kept in a file."""
 
     def __init__(self, config: Path, log_path: Path, timeout_s: float = 120.0) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed by stop())
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cartosplit", "serve-device", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        super().__init__(
+            ["serve-device", "--config", str(config)],
+            "serve-device",
+            timeout_s,
+            env={"PYTHONUNBUFFERED": "1"},
+            stderr_path=log_path,
         )
-        self._address: str | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read_stdout, name="serve-device-stdout", daemon=True).start()
-        self._ready.wait(timeout_s)
-        if self._address is None:
-            self.stop()
-            raise RuntimeError(f"serve-device did not start within {timeout_s:.0f} s:\n{self.log_text()[-3000:]}")
-        self.port = int(self._address.rsplit(":", 1)[1])
-
-    def _read_stdout(self) -> None:
-        # a thread: readline() in __init__ would wait forever on a process that prints nothing
-        for line in self.process.stdout:
-            match = READY.search(line) if self._address is None else None
-            if match:
-                self._address = match.group(1)
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
+        self.port = int(self.address.rsplit(":", 1)[1])
 
     def threads(self) -> int | None:
         """The process's thread count (Linux /proc), None once it is gone."""
@@ -147,20 +122,10 @@ class DeviceServer:
         return None
 
     def stop(self, grace_s: float = 15.0) -> int | None:
-        """SIGTERM, SIGKILL after ``grace_s``; the exit code."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
+        return super().stop(grace_s)
 
     def log_text(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
+        """The service's stderr so far (all of it once ``stop`` returned)."""
         return self.log_path.read_bytes().decode("utf-8", "replace")
 
 
@@ -1473,7 +1438,7 @@ def markdown(r: dict) -> list[str]:
         f"503: {h['busy_503']} (sequential: max_connections never exceeded).  ",
         f"Sends cut short by the server closing first (its answer still read): {h['send_errors'] or 'none'}.",
         "",
-        *_histogram_table(h["status_by_family"], "family"),
+        *histogram_table(h["status_by_family"], "family"),
         "",
         "## The service after the fuzz",
         "",
@@ -1520,14 +1485,6 @@ def _show_final(final: dict) -> str:
     if "healthz" not in final:
         return f"alive={final['alive']}"
     return f"alive={final['alive']}, /healthz {final['healthz']['outcome']}, classify {final['classify']['outcome']}"
-
-
-def _histogram_table(table: dict[str, dict[str, int]], label: str) -> list[str]:
-    codes = sorted({c for row in table.values() for c in row})
-    lines = [f"| {label} | " + " | ".join(codes) + " |", "|---" * (len(codes) + 1) + "|"]
-    for key, row in table.items():
-        lines.append(f"| {key} | " + " | ".join(str(row.get(c, 0)) for c in codes) + " |")
-    return lines
 
 
 def run_fuzz(

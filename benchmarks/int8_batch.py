@@ -39,14 +39,14 @@ EXITS = ("device", "edge", "final")
 
 
 def chain_logits(sessions: dict[str, OnnxSession], batch: dict[str, np.ndarray], e: int) -> dict[str, np.ndarray]:
-    """Every exit's logits of the device -> edge -> cloud chain on one padded batch."""
+    """The router's and every exit's logits of the device -> edge -> cloud chain on one padded batch."""
     tokens = [batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]]
     mask = batch["attention_mask"]
-    _, hidden_r = sessions[DEVICE_HEAD].run(tokens)
+    router, hidden_r = sessions[DEVICE_HEAD].run(tokens)
     hidden_d, device = sessions[DEVICE_TAIL].run([hidden_r, mask])
     hidden_e, edge = sessions[EDGE].run([hidden_d, mask])
     (final,) = sessions[cloud_graph(e)].run([hidden_e, mask])
-    return {"device": device, "edge": edge, "final": final}
+    return {"router": router, "device": device, "edge": edge, "final": final}
 
 
 def labels_in_batches(sessions, encoded: list, e: int, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -41,6 +41,7 @@ STATIC_INT8_CROSS_HOST_ATOL = 0.05
 
 def probe(folders: dict[str, str], texts_file: str, tokenizer: str, max_length: int, e: int, out: str) -> None:
     """Every exit's logits, one input at a time, per graph folder; written as JSON to ``out``."""
+    from cartosplit.benchmarks.int8_batch import chain_logits
     from cartosplit.device_runtime.onnx_backend import OnnxSession
     from cartosplit.device_runtime.text import encode, load_tokenizer, pad_batch
 
@@ -49,17 +50,12 @@ def probe(folders: dict[str, str], texts_file: str, tokenizer: str, max_length: 
     graphs = (DEVICE_HEAD, DEVICE_TAIL, EDGE, cloud_graph(e))
     result = {}
     for name, folder in folders.items():
-        s = {g: OnnxSession(Path(folder) / f"{g}.onnx", 1) for g in graphs}
+        sessions = {g: OnnxSession(Path(folder) / f"{g}.onnx", 1) for g in graphs}
         rows: dict[str, list] = {k: [] for k in EXITS}
         for x in encoded:
-            batch = pad_batch([x])
-            mask = batch["attention_mask"]
-            router, hidden = s[DEVICE_HEAD].run([batch["input_ids"], mask, batch["token_type_ids"]])
-            hidden, device = s[DEVICE_TAIL].run([hidden, mask])
-            hidden, edge = s[EDGE].run([hidden, mask])
-            (final,) = s[cloud_graph(e)].run([hidden, mask])
-            for k, v in zip(EXITS, (router, device, edge, final), strict=True):
-                rows[k].append(v[0].tolist())
+            logits = chain_logits(sessions, pad_batch([x]), e)
+            for k in EXITS:
+                rows[k].append(logits[k][0].tolist())
         result[name] = rows
     Path(out).write_text(json.dumps(result))
 

@@ -36,6 +36,15 @@ def bounds_table(checks: list[dict], show: Callable[[object], object] = lambda v
     return lines
 
 
+def histogram_table(table: dict[str, dict[str, int]], label: str) -> list[str]:
+    """Markdown lines of a count table: one row per key, one column per outcome seen anywhere (0 where absent)."""
+    codes = sorted({c for row in table.values() for c in row})
+    lines = [f"| {label} | " + " | ".join(codes) + " |", "|---" * (len(codes) + 1) + "|"]
+    for key, row in table.items():
+        lines.append(f"| {key} | " + " | ".join(str(row.get(c, 0)) for c in codes) + " |")
+    return lines
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend: the benchmarks plot headless (over ssh, in CI)."""
     import matplotlib

@@ -33,7 +33,8 @@ class ServerProcess:
 
     stderr is read by a thread as it comes (the pipe must never fill): the last lines are kept for error
     messages, and the tiers' JSON log events are watched: error events counted (the first ones kept),
-    non-JSON lines kept, the metrics port taken from the "started" event.
+    non-JSON lines kept, the metrics port taken from the "started" event. ``stderr_path``: every stderr line
+    is also written there (a benchmark that judges the whole log), complete once ``stop`` returns.
     """
 
     def __init__(
@@ -44,8 +45,10 @@ class ServerProcess:
         prefix: Sequence[str] = (),
         module: str | None = "cartosplit",
         env: Mapping[str, str] | None = None,
+        stderr_path: Path | None = None,
     ) -> None:
         self.name = name
+        self._stderr_file = open(stderr_path, "w", encoding="utf-8") if stderr_path else None  # noqa: SIM115
         self.stderr_tail: list[str] = []
         self.error_lines: list[str] = []
         self.error_count = 0
@@ -84,6 +87,9 @@ class ServerProcess:
 
     def _read_stderr(self) -> None:
         for raw in self.process.stderr:
+            if self._stderr_file is not None:
+                self._stderr_file.write(raw)
+                self._stderr_file.flush()
             line = raw.rstrip()
             self.stderr_tail = [*self.stderr_tail[-(TAIL_LINES - 1) :], line[:2000]]
             if '"event": "started"' in line:
@@ -119,6 +125,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self._stderr_file is not None and not self._stderr_file.closed:
+            self._stderr_reader.join(timeout=2.0)  # its last lines, written after the exit
+            self._stderr_file.close()
         return self.process.returncode
 
 
