@@ -2,7 +2,9 @@
 
 What is kept (``AuditState``): the policy's id and thresholds (the sequences belong to them: a new policy
 starts new ones), per answering tier its audit sequence (``audit_bound.TierAudit``: counts, alarm) and its
-audit rate, the schema version and the time of writing.
+audit rate, the schema version and the time of writing; and, for ``audit.AuditMonitor``, the shipped
+policy's id, where on the tightening path the policy now is, the recalibration log (``AuditLog``) and the
+audit counters.
 
 The file is JSON ``{"body": {...}, "sha256": "<hex>"}``, the checksum taken over the canonical JSON of the
 body (sorted keys, no spaces, ASCII), so a torn or corrupted file is told from a good one. This envelope is
@@ -29,17 +31,83 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from cartosplit.device_runtime.audit_bound import AuditConfig, AuditRateRule, TierAudit, audit_rate
-from cartosplit.device_runtime.json_checks import NUMBER, NUMBERS, OBJECT, STR, Problems, at, item, nullable
+from cartosplit.device_runtime.json_checks import (
+    INT,
+    NUMBER,
+    NUMBERS,
+    OBJECT,
+    STR,
+    Problems,
+    at,
+    item,
+    nullable,
+)
+from cartosplit.device_runtime.policy import ExitSignals
 
 SCHEMA = "cartosplit.audit_state"
-VERSION = 1
+VERSION = 2  # 2: the monitor's fields (anchor_id, path_index, generation, attempt, log, counters)
 BODY = "audit_state"  # the path problems are named by
 MAX_BYTES = 16 * 1024 * 1024  # far above any real state: a file this large is not ours
+
+
+class AuditLog:
+    """Audited samples' signals for recalibration, one row each: router probabilities (3; NaN without a
+    router), then the device, edge and final exits' probabilities (K each). Float32, so a row of a
+    two-label task is 36 bytes and the log of a recalibration (a few thousand rows) stays small on disk."""
+
+    def __init__(self, rows: Sequence[Sequence[float]] = ()) -> None:
+        self._rows = [np.asarray(r, dtype=np.float32) for r in rows]
+        widths = {len(r) for r in self._rows}
+        if len(widths) > 1 or any((w - 3) % 3 or w < 9 for w in widths):
+            raise ValueError(f"audit log rows must all have 3 + 3K values (K >= 2 labels), got widths {sorted(widths)}")
+
+    @staticmethod
+    def row(router: np.ndarray | None, device: np.ndarray, edge: np.ndarray, final: np.ndarray) -> np.ndarray:
+        router = np.full(3, np.nan, np.float32) if router is None else np.asarray(router, np.float32)
+        return np.concatenate([router, *(np.asarray(p, np.float32) for p in (device, edge, final))])
+
+    def append(self, row: np.ndarray) -> None:
+        row = np.asarray(row, dtype=np.float32)
+        if self._rows and len(row) != len(self._rows[0]):
+            raise ValueError(f"audit log row has {len(row)} values, the log's rows {len(self._rows[0])}")
+        self._rows.append(row)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AuditLog):
+            return NotImplemented
+        return len(self) == len(other) and all(
+            np.array_equal(a, b, equal_nan=True) for a, b in zip(self._rows, other._rows, strict=True)
+        )
+
+    __hash__ = None  # mutable
+
+    def copy(self) -> AuditLog:
+        log = AuditLog()
+        log._rows = list(self._rows)
+        return log
+
+    def signals(self) -> ExitSignals:
+        rows = np.stack(self._rows).astype(np.float64)
+        k = (rows.shape[1] - 3) // 3
+        router = None if np.isnan(rows[:, :3]).any() else rows[:, :3]
+        return ExitSignals(rows[:, 3 : 3 + k], rows[:, 3 + k : 3 + 2 * k], rows[:, 3 + 2 * k :], router)
+
+    def to_list(self) -> list[list[float | None]]:
+        return [[None if math.isnan(v) else float(v) for v in r] for r in self._rows]
+
+    @classmethod
+    def from_list(cls, raw: list) -> AuditLog:
+        return cls([[math.nan if v is None else v for v in r] for r in raw])
 
 
 @dataclass
@@ -52,6 +120,13 @@ class AuditState:
     audit_rates: dict[str, float]
     written_at: float | None = None  # unix time of the last save
     version: int = VERSION
+    # audit.AuditMonitor's: the shipped policy it adapts, its place on the path, the recalibration log
+    anchor_id: str | None = None
+    path_index: int | None = None
+    generation: int = 0
+    attempt: int = 0
+    log: AuditLog = field(default_factory=AuditLog)
+    counters: dict | None = None
 
     def __post_init__(self) -> None:
         for name, value in self.thresholds.items():
@@ -85,6 +160,12 @@ class AuditState:
             "tiers": {name: tier.to_dict() for name, tier in self.tiers.items()},
             "audit_rates": {k: float(v) for k, v in self.audit_rates.items()},
             "written_at": self.written_at,
+            "anchor_id": self.anchor_id,
+            "path_index": self.path_index,
+            "generation": self.generation,
+            "attempt": self.attempt,
+            "log": self.log.to_list(),
+            "counters": self.counters,
         }
 
     @classmethod
@@ -102,7 +183,19 @@ class AuditState:
         }
         audit_rates = problems.take(raw, BODY, "audit_rates", NUMBERS)
         written_at = problems.take(raw, BODY, "written_at", nullable(NUMBER))
-        problems.only(raw, BODY, ["schema", "version", "policy_id", "thresholds", "tiers", "audit_rates", "written_at"])
+        monitor = {
+            "anchor_id": problems.take(raw, BODY, "anchor_id", nullable(STR), required=False),
+            "path_index": problems.take(raw, BODY, "path_index", nullable(INT), required=False),
+            "generation": problems.take(raw, BODY, "generation", INT, required=False),
+            "attempt": problems.take(raw, BODY, "attempt", INT, required=False),
+            "counters": problems.take(raw, BODY, "counters", nullable(OBJECT), required=False),
+        }
+        log = problems.take(raw, BODY, "log", ("a list of rows", lambda v: isinstance(v, list)), required=False)
+        problems.only(
+            raw,
+            BODY,
+            ["schema", "version", "policy_id", "thresholds", "tiers", "audit_rates", "written_at", *monitor, "log"],
+        )
         if len(problems.found) > before:
             return None
         try:
@@ -112,6 +205,12 @@ class AuditState:
                 tiers=tiers,
                 audit_rates={k: float(v) for k, v in audit_rates.items()},
                 written_at=None if written_at is None else float(written_at),
+                anchor_id=monitor["anchor_id"],
+                path_index=monitor["path_index"],
+                generation=monitor["generation"] or 0,
+                attempt=monitor["attempt"] or 0,
+                log=AuditLog.from_list(log or []),
+                counters=monitor["counters"],
             )
         except ValueError as exc:
             problems.add(str(exc))

@@ -38,6 +38,8 @@ from cartosplit.device_runtime.text import encode, load_tokenizer, pad_batch
 from cartosplit.protos import tiers_pb2 as pb
 
 if TYPE_CHECKING:  # grpc is only needed once a tier is configured
+    from cartosplit.device_runtime.audit import AuditMonitor, AuditSettings
+    from cartosplit.device_runtime.audit_worker import AuditJob
     from cartosplit.protos.security import ClientSecurity
 
 # the proto's Tier enum, by number, as Prediction.tier names them: TIER_UNSPECIFIED -> "unspecified", EDGE -> "edge"
@@ -188,6 +190,8 @@ class DeviceRuntime:
     ``onnx_backend.MEMORY_PRESETS``; LiteRT: ``litert_backend``). ``edge``/``cloud``: "host:port" or None.
     ``security``: TLS (CA), client certificate and bearer token for both links, edge and cloud alike: one
     deployment, one CA and one token (the cloud accepts a single token, from the edge and the device both).
+    ``audit``: audit sampling and threshold adaptation (``cartosplit.device_runtime.audit``; None or rate 0:
+    off), its state kept atomically at ``audit_state`` (resumed from there at start).
     """
 
     def __init__(
@@ -205,6 +209,8 @@ class DeviceRuntime:
         security: ClientSecurity | None = None,
         low_memory: bool | str = False,
         advice: str | Path | None = None,
+        audit: AuditSettings | None = None,
+        audit_state: str | Path | None = None,
     ) -> None:
         from cartosplit.protos.codec import ENCODINGS
 
@@ -244,6 +250,55 @@ class DeviceRuntime:
         self.timeout_s = timeout_s
         self.edge = _Tier(edge, "edge", max_message_bytes, retry_after_s, security) if edge else None
         self.cloud = _Tier(cloud, "cloud", max_message_bytes, retry_after_s, security) if cloud else None
+        self.monitor: AuditMonitor | None = None
+        self._auditor = None
+        if audit is not None and audit.enabled:
+            self._start_audits(audit, audit_state, max_message_bytes, retry_after_s, security)
+
+    def _start_audits(self, settings, state_path, max_message_bytes, retry_after_s, security) -> None:
+        from cartosplit.device_runtime import audit_state
+        from cartosplit.device_runtime.audit import AuditMonitor
+        from cartosplit.device_runtime.audit_worker import AuditWorker
+
+        self.audit_resume_note = None
+        state = None
+        if state_path is not None:
+            loaded = audit_state.load(state_path)
+            state, self.audit_resume_note = loaded.state, loaded.reason
+        anchor_id = f"{self.bundle.bundle_id}:{settings.epsilon:g}:{settings.alpha:g}:{settings.path_steps}"
+        if state is not None and state.anchor_id != anchor_id:
+            self.audit_resume_note = f"starting fresh: the saved audit state is for {state.anchor_id}, not {anchor_id}"
+            state = None
+        self.monitor = AuditMonitor(self.policy, settings, self.costs, anchor_id, state)
+        # a channel of its own: a failed audit never marks the user path's edge down
+        self._audit_edge = (
+            _Tier(self.edge.address, "edge", max_message_bytes, retry_after_s, security) if self.edge else None
+        )
+        self._auditor = AuditWorker(self.monitor, self._send_audit, state_path, settings.queue_size)
+
+    def _send_audit(self, job: AuditJob):
+        """The audit request: the hidden state at the device depth to the edge, marked, within the timeout."""
+        tier = self._audit_edge
+        if tier is None:
+            raise ConnectionError("no edge to audit through")
+        if not (tier.available and self.edge.available):
+            raise ConnectionError("edge down")
+        request = self._request(self.split.device, hidden=job.hidden)
+        request.audit = True
+        return tier.infer(request, self.timeout_s), request.ByteSize()
+
+    @property
+    def current_policy(self):
+        """The policy in force: the bundle's, or where audits moved it (``audit.AuditMonitor``)."""
+        return self.policy if self.monitor is None else self.monitor.policy
+
+    def audit_summary(self) -> dict | None:
+        """The live bound, the audits' counts and cost; None when audits are off."""
+        if self.monitor is None:
+            return None
+        summary = self.monitor.summary()
+        summary["pending"] = self._auditor.pending
+        return summary
 
     # -- requests -------------------------------------------------------------------------------------------
 
@@ -297,8 +352,11 @@ class DeviceRuntime:
         device_ms = 0.0
         reply, route, wanted = None, None, None
         probs_device = None
+        policy = self.current_policy
+        audited = self.monitor is not None and self.monitor.sample()
+        hidden_d = None
 
-        if leaves_for_cloud(self.policy, router):
+        if leaves_for_cloud(policy, router):
             wanted = TIER_CLOUD_DIRECT
             device_ms = 1000 * (time.perf_counter() - started)
             reply = self._cloud_direct(hidden_r, tokens, result)
@@ -310,7 +368,7 @@ class DeviceRuntime:
             device_ms += 1000 * (time.perf_counter() - (tail_started if wanted is not None else started))
             probs_device = softmax(device_logits)
             # TIER_DEVICE only where the router did not send the sample to the cloud (wanted is None then)
-            if device_decision(self.policy, router, probs_device) == TIER_DEVICE:
+            if device_decision(policy, router, probs_device) == TIER_DEVICE:
                 route = wanted = TIER_DEVICE
             else:
                 wanted = wanted if wanted is not None else TIER_EDGE
@@ -335,6 +393,8 @@ class DeviceRuntime:
             degraded = wanted != TIER_DEVICE
         tier_ms["device"] = device_ms
         label_id = int(probabilities.argmax())
+        if audited:
+            self._queue_audit(route, wanted, degraded, label_id, router, probs_device, hidden_d, reply)
         return Prediction(
             label=self.labels[label_id],
             label_id=label_id,
@@ -350,6 +410,26 @@ class DeviceRuntime:
             tier_ms=tier_ms,
             errors=result["errors"],
         )
+
+    def _queue_audit(self, route, wanted, degraded, label_id, router, probs_device, hidden_d, reply) -> None:
+        """Hand a sampled answer to the audit worker (never blocks); fallback answers are not audited: their
+        route was the network's choice, not the policy's."""
+        from cartosplit.device_runtime.audit_worker import AuditJob
+
+        if degraded or (route != wanted and not (route == TIER_CLOUD_VIA_EDGE and wanted == TIER_EDGE)):
+            self.monitor.drop("fallback")
+            return
+        if route in (TIER_DEVICE, TIER_EDGE):
+            edge = np.asarray(reply.probabilities) if route == TIER_EDGE else None
+            job = AuditJob(route, label_id, router, probs_device, edge=edge, hidden=hidden_d)
+        else:
+            final = np.asarray(reply.probabilities, dtype=np.float64)
+            edge = np.asarray(reply.edge_probabilities, dtype=np.float64) if route == TIER_CLOUD_VIA_EDGE else None
+            if edge is not None and len(edge) != len(final):
+                self.monitor.drop("no_edge_probabilities")  # an edge older than the audit protocol
+                return
+            job = AuditJob(route, label_id, router, probs_device, edge=edge, final=final)
+        self._auditor.submit(job)
 
     def predict(
         self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, max_chars: int = MAX_CHARS
@@ -397,7 +477,9 @@ class DeviceRuntime:
         return out
 
     def close(self) -> None:
-        for tier in (self.edge, self.cloud):
+        if self._auditor is not None:
+            self._auditor.close(grace_s=self.timeout_s + 0.5)
+        for tier in (self.edge, self.cloud, getattr(self, "_audit_edge", None)):
             if tier is not None:
                 tier.close()
 
