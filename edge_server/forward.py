@@ -70,6 +70,7 @@ class CloudLink:
             depth=depth,
             hidden=encode_tensor(hidden_out, self.encoding),
             timings=[*request.timings, timing],
+            audit=request.audit,  # so the cloud counts it apart from user traffic too
         )
         try:
             return self._stub.Infer(onward, timeout=timeout)

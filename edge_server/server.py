@@ -2,6 +2,10 @@
 
 If the cloud cannot answer (unreachable, an error, no time left) the edge exit answers anyway, marked
 ``degraded``: a slightly less accurate answer beats none.
+
+An audit (a sample already answered early, re-sent for comparison) always goes on to the cloud, whatever
+``alpha_edge`` says. Whenever the cloud answers, its reply also carries the edge exit's probabilities
+(``edge_probabilities``), so the device can compare the two exits.
 """
 
 from __future__ import annotations
@@ -72,11 +76,13 @@ class EdgeServicer(TierServicer, pb_grpc.EdgeTierServicer):
         result = self.run_graph("edge", (hidden,), context)
         hidden_out, logits = result.outputs
         timing = self.timing(result)
-        if float(softmax(logits).max()) >= self.alpha_edge:
+        edge_probs = softmax(logits)
+        if not request.audit and float(edge_probs.max()) >= self.alpha_edge:
             return reply_from_logits(request, logits, pb.EDGE, self.split.edge, timing)
         reply = self._forward(request, hidden_out, timing, context)
-        if reply is None:
+        if reply is None:  # an audit too: its tier is then not CLOUD, and the device drops it
             return reply_from_logits(request, logits, pb.EDGE, self.split.edge, timing, degraded=True)
+        reply.edge_probabilities.extend(edge_probs.tolist())
         return reply
 
     def _forward(
@@ -86,18 +92,24 @@ class EdgeServicer(TierServicer, pb_grpc.EdgeTierServicer):
         timing: pb.TierTiming,
         context: grpc.ServicerContext,
     ) -> pb.InferReply | None:
-        """The cloud's reply, or None (logged and counted) when it cannot give one in time."""
-        self.metrics.forwarded.labels(self.tier_name).inc()
+        """The cloud's reply, or None (logged and counted) when it cannot give one in time.
+
+        Audits are counted in their own forwarded/degraded counters, so the user traffic's stay user traffic.
+        """
+        m = self.metrics
+        forwarded, degraded = (m.audit_forwarded, m.audit_degraded) if request.audit else (m.forwarded, m.degraded)
+        forwarded.labels(self.tier_name).inc()
         try:
             return self.cloud.forward(request, hidden_out, self.split.edge, timing, time_left(context))
         except ForwardFailed as failure:
-            self.metrics.degraded.labels(self.tier_name).inc()
+            degraded.labels(self.tier_name).inc()
             log_event(
                 logging.WARNING,
                 "forward_failed",
                 tier=self.tier_name,
                 request_id=short_id(request.request_id),
                 cloud=self.cloud.address,
+                audit=request.audit,
                 reason=str(failure)[:300],
             )
             return None

@@ -58,7 +58,7 @@ class TierTiming(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "bundle_id", "protocol_version", "depth", "hidden", "input_ids", "token_type_ids", "timings")
+    __slots__ = ("request_id", "bundle_id", "protocol_version", "depth", "hidden", "input_ids", "token_type_ids", "timings", "audit")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class InferRequest(_message.Message):
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_TYPE_IDS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     bundle_id: str
     protocol_version: int
@@ -75,10 +76,11 @@ class InferRequest(_message.Message):
     input_ids: Tensor
     token_type_ids: Tensor
     timings: _containers.RepeatedCompositeFieldContainer[TierTiming]
-    def __init__(self, request_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., depth: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_type_ids: _Optional[_Union[Tensor, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ...) -> None: ...
+    audit: bool
+    def __init__(self, request_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., depth: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_type_ids: _Optional[_Union[Tensor, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., audit: _Optional[bool] = ...) -> None: ...
 
 class InferReply(_message.Message):
-    __slots__ = ("request_id", "label", "probabilities", "tier", "exit_depth", "timings", "degraded")
+    __slots__ = ("request_id", "label", "probabilities", "tier", "exit_depth", "timings", "degraded", "edge_probabilities")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +88,7 @@ class InferReply(_message.Message):
     EXIT_DEPTH_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    EDGE_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     label: int
     probabilities: _containers.RepeatedScalarFieldContainer[float]
@@ -93,4 +96,5 @@ class InferReply(_message.Message):
     exit_depth: int
     timings: _containers.RepeatedCompositeFieldContainer[TierTiming]
     degraded: bool
-    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., tier: _Optional[_Union[Tier, str]] = ..., exit_depth: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., degraded: _Optional[bool] = ...) -> None: ...
+    edge_probabilities: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., tier: _Optional[_Union[Tier, str]] = ..., exit_depth: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., degraded: _Optional[bool] = ..., edge_probabilities: _Optional[_Iterable[float]] = ...) -> None: ...

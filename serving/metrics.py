@@ -5,6 +5,13 @@ refused before it ran (see :class:`RefusalCounter` and ``BearerTokenInterceptor(
 ``UNAUTHENTICATED`` (no or a wrong bearer token), ``INTERNAL`` (bytes that do not parse as the request
 message; grpcio answers "Exception deserializing request!") and ``RESOURCE_EXHAUSTED`` (a unary request
 over the message limit).
+
+Audits (``InferRequest.audit``: samples already answered early, re-sent so the cloud's answer can be compared
+with the early one) are not user traffic: ``cartosplit_audit_requests_total`` counts them instead of
+``cartosplit_requests_total``, and on the edge ``cartosplit_audit_forwarded_total`` /
+``cartosplit_audit_degraded_total`` instead of ``cartosplit_forwarded_total`` / ``cartosplit_degraded_total``.
+A call refused before its message is read cannot be told apart and counts as user traffic. The latency
+histogram and the received bytes count all traffic, audits included: they size the server's load.
 """
 
 from __future__ import annotations
@@ -22,10 +29,18 @@ class TierMetrics:
         self.tier = tier
         self.registry = CollectorRegistry()
         reg = self.registry
-        self.requests = Counter("cartosplit_requests_total", "Requests by status code", ["tier", "code"], registry=reg)
+        self.requests = Counter(
+            "cartosplit_requests_total", "User requests (audits apart) by status code", ["tier", "code"], registry=reg
+        )
+        self.audits = Counter(
+            "cartosplit_audit_requests_total",
+            "Audit requests (re-sent samples, not user traffic) by status code",
+            ["tier", "code"],
+            registry=reg,
+        )
         self.request_seconds = Histogram(
             "cartosplit_request_seconds",
-            "Time from receiving a request to its answer",
+            "Time from receiving a request to its answer (all traffic, audits included)",
             ["tier"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=reg,
@@ -38,21 +53,34 @@ class TierMetrics:
             registry=reg,
         )
         self.received_bytes = Counter(
-            "cartosplit_received_bytes_total", "Serialized request bytes received", ["tier"], registry=reg
+            "cartosplit_received_bytes_total",
+            "Serialized request bytes received (all traffic, audits included)",
+            ["tier"],
+            registry=reg,
         )
         if forwarding:
             self.forwarded = Counter(
-                "cartosplit_forwarded_total", "Requests the edge sent on to the cloud", ["tier"], registry=reg
+                "cartosplit_forwarded_total", "User requests the edge sent on to the cloud", ["tier"], registry=reg
             )
             self.degraded = Counter(
                 "cartosplit_degraded_total",
-                "Forwards that failed and were answered by the edge exit instead",
+                "User requests' forwards that failed and were answered by the edge exit instead",
+                ["tier"],
+                registry=reg,
+            )
+            self.audit_forwarded = Counter(
+                "cartosplit_audit_forwarded_total", "Audits the edge sent on to the cloud", ["tier"], registry=reg
+            )
+            self.audit_degraded = Counter(
+                "cartosplit_audit_degraded_total",
+                "Audits' forwards that failed (answered by the edge exit, so useless as audits)",
                 ["tier"],
                 registry=reg,
             )
 
-    def observe(self, code: grpc.StatusCode, seconds: float, received: int) -> None:
-        self.requests.labels(self.tier, code.name).inc()
+    def observe(self, code: grpc.StatusCode, seconds: float, received: int, audit: bool = False) -> None:
+        """One request the servicer answered or refused; an audit is counted apart from user requests."""
+        (self.audits if audit else self.requests).labels(self.tier, code.name).inc()
         self.request_seconds.labels(self.tier).observe(seconds)
         self.received_bytes.labels(self.tier).inc(received)
 

@@ -2,7 +2,9 @@
 
 The key is the request id together with a digest of the payload: a retry (same id, same activations)
 gets the cached answer without recomputation, while nobody can fetch another client's answer by
-guessing its id. Degraded answers are never cached, so a retry after an outage tries the full path again.
+guessing its id. The audit flag is part of the key, so a cached user reply never answers an audit (which
+is counted apart and must reach the cloud). Degraded answers are never cached, so a retry after an outage
+tries the full path again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ReplyCache:
             request.hidden.SerializeToString(),
             request.input_ids.SerializeToString(),
             request.token_type_ids.SerializeToString(),
+            b"\x01" if request.audit else b"\x00",
         ):
             digest.update(len(part).to_bytes(8, "little"))  # length-prefixed: no two layouts collide
             digest.update(part)

@@ -146,7 +146,7 @@ class TierServicer:
 
     def _record(self, request: pb.InferRequest, outcome: pb.InferReply | RequestError, seconds: float) -> None:
         code = outcome.code if isinstance(outcome, RequestError) else grpc.StatusCode.OK
-        self.metrics.observe(code, seconds, request.ByteSize())
+        self.metrics.observe(code, seconds, request.ByteSize(), audit=request.audit)
         fields: dict[str, object] = {
             "tier": self.tier_name,
             "request_id": short_id(request.request_id),
@@ -154,6 +154,8 @@ class TierServicer:
             "code": code.name,
             "ms": round(seconds * 1000.0, 3),
         }
+        if request.audit:  # only then, so user traffic's lines stay as they were
+            fields["audit"] = True
         if isinstance(outcome, RequestError):
             log_event(logging.WARNING, "request_refused", message=outcome.message[:300], **fields)
         else:
