@@ -51,6 +51,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "cartosplit.benchmarks.int8_host",
         "does an int8 answer depend on the CPU: natively vs an emulated x86 without VNNI (qemu)",
     ),
+    "drift": (
+        "cartosplit.benchmarks.drift",
+        "a stream that shifts (typos): audit sampling, the live bound, threshold adaptation, audit cost and p99",
+    ),
     "fuzz": ("cartosplit.benchmarks.fuzz_server", "malformed requests against live servers"),
     "http-fuzz": (
         "cartosplit.benchmarks.http_fuzz",

@@ -33,7 +33,7 @@ from cartosplit.device_runtime.costs import (
 from cartosplit.device_runtime.cpu_features import AUTO, choose_format, passed_formats, read_advice, read_cpu_features
 from cartosplit.device_runtime.inputs import text_problem
 from cartosplit.device_runtime.numerics import softmax
-from cartosplit.device_runtime.policy import device_decision, leaves_for_cloud
+from cartosplit.device_runtime.policy import Policy, device_decision, leaves_for_cloud
 from cartosplit.device_runtime.text import encode, load_tokenizer, pad_batch
 from cartosplit.protos import tiers_pb2 as pb
 
@@ -191,7 +191,8 @@ class DeviceRuntime:
     ``security``: TLS (CA), client certificate and bearer token for both links, edge and cloud alike: one
     deployment, one CA and one token (the cloud accepts a single token, from the edge and the device both).
     ``audit``: audit sampling and threshold adaptation (``cartosplit.device_runtime.audit``; None or rate 0:
-    off), its state kept atomically at ``audit_state`` (resumed from there at start).
+    off), its state kept atomically at ``audit_state`` (resumed from there at start). ``policy``: thresholds
+    to use instead of the bundle's (e.g. recalibrated on in-domain traffic); audits adapt from them.
     """
 
     def __init__(
@@ -211,6 +212,7 @@ class DeviceRuntime:
         advice: str | Path | None = None,
         audit: AuditSettings | None = None,
         audit_state: str | Path | None = None,
+        policy: Policy | None = None,
     ) -> None:
         from cartosplit.protos.codec import ENCODINGS
 
@@ -242,7 +244,7 @@ class DeviceRuntime:
         self.fmt = fmt
         self.graphs = DeviceGraphs(self.bundle, fmt, threads, low_memory)
         self.tokenizer = load_tokenizer(self.bundle.path(m.tokenizer), m.model.max_length)
-        self.policy = m.policy
+        self.policy = m.policy if policy is None else policy
         self.split = m.split_points
         self.costs = m.cost_profile.tier_costs(self.split)
         self.all_cloud_cost = m.cost_profile.all_cloud_cost(self.split)
@@ -265,7 +267,13 @@ class DeviceRuntime:
         if state_path is not None:
             loaded = audit_state.load(state_path)
             state, self.audit_resume_note = loaded.state, loaded.reason
-        anchor_id = f"{self.bundle.bundle_id}:{settings.epsilon:g}:{settings.alpha:g}:{settings.path_steps}"
+        import hashlib
+        import json
+
+        # the saved state resumes only under the same bundle, shipped thresholds and promise
+        thresholds = hashlib.sha256(json.dumps(self.policy.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        promise = f"{settings.epsilon:g}:{settings.alpha:g}:{settings.delta:g}:{settings.path_steps}"
+        anchor_id = f"{self.bundle.bundle_id}:{thresholds}:{promise}"
         if state is not None and state.anchor_id != anchor_id:
             self.audit_resume_note = f"starting fresh: the saved audit state is for {state.anchor_id}, not {anchor_id}"
             state = None
