@@ -138,7 +138,7 @@ def cached_probs(bundle, cache: Path, key: str, texts: list[str], batch: int) ->
     if cache.exists():
         stored = np.load(cache, allow_pickle=False)
         if str(stored["key"]) == key:
-            return {k: stored[k] for k in stored.files}
+            return {k: stored[k] for k in stored.files if k != "key"}
     probs = exit_probs(bundle, texts, batch)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, key=np.array(key), **probs)

@@ -52,7 +52,7 @@ from cartosplit.device_runtime.json_checks import (
 from cartosplit.device_runtime.policy import ExitSignals
 
 SCHEMA = "cartosplit.audit_state"
-VERSION = 2  # 2: the monitor's fields (anchor_id, path_index, generation, attempt, log, counters)
+VERSION = 2  # 2: the monitor's fields (anchor_id, path_index, generation, attempt, epoch, log, counters)
 BODY = "audit_state"  # the path problems are named by
 MAX_BYTES = 16 * 1024 * 1024  # far above any real state: a file this large is not ours
 
@@ -125,6 +125,7 @@ class AuditState:
     path_index: int | None = None
     generation: int = 0
     attempt: int = 0
+    epoch: int = 1
     log: AuditLog = field(default_factory=AuditLog)
     counters: dict | None = None
 
@@ -164,6 +165,7 @@ class AuditState:
             "path_index": self.path_index,
             "generation": self.generation,
             "attempt": self.attempt,
+            "epoch": self.epoch,
             "log": self.log.to_list(),
             "counters": self.counters,
         }
@@ -188,6 +190,7 @@ class AuditState:
             "path_index": problems.take(raw, BODY, "path_index", nullable(INT), required=False),
             "generation": problems.take(raw, BODY, "generation", INT, required=False),
             "attempt": problems.take(raw, BODY, "attempt", INT, required=False),
+            "epoch": problems.take(raw, BODY, "epoch", INT, required=False),
             "counters": problems.take(raw, BODY, "counters", nullable(OBJECT), required=False),
         }
         log = problems.take(raw, BODY, "log", ("a list of rows", lambda v: isinstance(v, list)), required=False)
@@ -209,6 +212,7 @@ class AuditState:
                 path_index=monitor["path_index"],
                 generation=monitor["generation"] or 0,
                 attempt=monitor["attempt"] or 0,
+                epoch=monitor["epoch"] or 1,
                 log=AuditLog.from_list(log or []),
                 counters=monitor["counters"],
             )

@@ -4,6 +4,7 @@ No model and no network: synthetic exit signals and a fake ``send``."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -72,7 +73,7 @@ def test_path_runs_from_no_early_exit_to_the_anchor() -> None:
     assert path[0] == Policy(math.inf, math.inf, ANCHOR.hard_margin, ANCHOR.medium_margin)
     assert path[-1] == ANCHOR
     device = [p.alpha_device for p in path[1:]]
-    assert all(a > b for a, b in zip(device, device[1:], strict=False))  # thresholds fall toward the anchor
+    assert all(a > b for a, b in itertools.pairwise(device))  # thresholds fall toward the anchor
     assert device[0] == pytest.approx(1 - 1e-4)
     # an exit the anchor never uses stays unused all along the path
     assert all(math.isinf(p.alpha_edge) for p in tightening_path(Policy(0.9, math.inf), 10))
@@ -190,8 +191,8 @@ def test_worker_never_blocks_on_a_frozen_tier_and_drops_when_full() -> None:
 
 def test_worker_records_replies_and_saves_state(tmp_path) -> None:
     class Reply:
-        probabilities = [0.2, 0.8]
-        edge_probabilities = [0.3, 0.7]
+        probabilities = (0.2, 0.8)
+        edge_probabilities = (0.3, 0.7)
         degraded = False
 
     monitor = AuditMonitor(ANCHOR, AuditSettings(rate=1.0), COSTS, "bundle")
@@ -208,3 +209,35 @@ def test_worker_records_replies_and_saves_state(tmp_path) -> None:
     assert monitor.counters.bytes == 123 and monitor.counters.free == 1
     loaded = audit_state.load(path)
     assert loaded.state is not None and loaded.state.tiers[ALL].n == 2
+
+
+def test_detector_false_alarms_over_all_epochs_stay_under_alpha() -> None:
+    """Stationary at r = epsilon (the worst case of H0): 20 epochs of 400 audits, epoch i at alpha / (i (i+1)).
+    The alarm rule of every epoch, vectorised (audit_bound.log_mixture_paths): P(any alarm) <= alpha."""
+    from cartosplit.device_runtime.audit_bound import log_mixture_paths
+
+    settings = AuditSettings(epsilon=0.02, alpha=0.1, epoch_audits=400)
+    streams, epochs, size = 1000, 20, settings.epoch_audits
+    rng = np.random.default_rng(11)
+    alarmed = np.zeros(streams, dtype=bool)
+    prior = settings.detector(1).prior
+    for epoch in range(1, epochs + 1):
+        d = (rng.random((streams, size)) < settings.epsilon).astype(np.int64)
+        log_m = log_mixture_paths(d, settings.epsilon, *prior)
+        k = np.cumsum(d, axis=1)
+        n = np.arange(1, size + 1)[None, :]
+        level = math.log(1 / settings.detector(epoch).alpha)
+        alarmed |= ((log_m >= level) & (k > settings.epsilon * n)).any(axis=1)
+    share = alarmed.mean()
+    assert share <= settings.alpha + 3 * math.sqrt(settings.alpha * (1 - settings.alpha) / streams)
+
+
+def test_detector_restarts_each_epoch_at_a_smaller_level() -> None:
+    monitor = AuditMonitor(ANCHOR, AuditSettings(rate=1.0, epoch_audits=50), COSTS, "bundle")
+    final = np.array([0.99, 0.01])
+    for _ in range(120):
+        monitor.record(TIER_EDGE, 0, final)
+    detector = monitor.summary()["detector"]
+    assert detector["epoch"] == 3 and detector["audits"] == 20
+    assert detector["alpha"] == pytest.approx(0.05 / 12)
+    assert monitor.sequences[ALL].n == 120  # the certificate keeps counting across epochs
