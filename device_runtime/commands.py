@@ -8,9 +8,11 @@ the base install; grpc (the ``device`` extra) is imported by the commands that r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import time
 
 from cartosplit.cli_args import positive_int
 from cartosplit.device_runtime import service
@@ -106,6 +108,76 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="send the bearer token this file holds to the edge and the cloud (needs --ca: never in plaintext)",
     )
+    audit = parser.add_argument_group(
+        "audits",
+        "re-send a random share of the answers to the full model (through the edge) and keep a live bound on the "
+        "disagreement with it; an alarm tightens the thresholds at once",
+    )
+    audit.add_argument(
+        "--audit-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability of auditing an answer (needs --edge); default 0, off: a batch run is short, drift shows "
+        "over a long-running serve-device (which audits 2 %% by default)",
+    )
+    audit.add_argument(
+        "--audit-epsilon",
+        type=float,
+        default=0.5,
+        metavar="PT",
+        help="the promise audits test: disagreement with the full model <= this many points (default: %(default)s)",
+    )
+    audit.add_argument(
+        "--audit-alpha",
+        type=float,
+        default=0.05,
+        metavar="A",
+        help="level of the live bound and the alarm (default: %(default)s)",
+    )
+    audit.add_argument(
+        "--audit-state",
+        metavar="FILE",
+        help="resume the audit monitor from this file and keep its state there (written atomically)",
+    )
+    audit.add_argument(
+        "--audit-adaptive",
+        action="store_true",
+        help="audit more while the bound is loose, less once it holds, around --audit-rate",
+    )
+
+
+def _check_audit_options(args: argparse.Namespace) -> None:
+    """The audit flags' usage errors, in the flags' own names (AuditSettings would name its fields)."""
+    if not 0.0 <= args.audit_rate <= 1.0:
+        raise ValueError(f"--audit-rate must be a probability in [0, 1] (0.02 = 2 %), got {args.audit_rate}")
+    if not 0.0 < args.audit_epsilon < 100.0:
+        raise ValueError(f"--audit-epsilon is in points, in (0, 100) (0.5 = half a point), got {args.audit_epsilon}")
+    if not 0.0 < args.audit_alpha < 1.0:
+        raise ValueError(f"--audit-alpha must be in (0, 1), got {args.audit_alpha}")
+    if args.audit_rate == 0.0:
+        for flag, given in (("--audit-state", args.audit_state), ("--audit-adaptive", args.audit_adaptive)):
+            if given:
+                raise ValueError(f"{flag} needs --audit-rate > 0 (audits are off by default in a run)")
+    elif not args.edge:
+        raise ValueError(
+            "--audit-rate needs --edge: an audit re-sends the device's hidden state to the edge, which forwards "
+            "it to the cloud's full model"
+        )
+
+
+def _audit_settings(args: argparse.Namespace):
+    """The runtime's AuditSettings, or None when audits are off."""
+    if args.audit_rate == 0.0:
+        return None
+    from cartosplit.device_runtime.audit import AuditSettings
+
+    return AuditSettings(
+        rate=args.audit_rate,
+        epsilon=args.audit_epsilon / 100.0,
+        alpha=args.audit_alpha,
+        adaptive=args.audit_adaptive,
+    )
 
 
 def _check_run_options(args: argparse.Namespace, fmt: str) -> None:
@@ -115,6 +187,7 @@ def _check_run_options(args: argparse.Namespace, fmt: str) -> None:
     if args.labels and fmt not in ("auto", "text"):
         where = 'its "label" field' if fmt == "jsonl" else "its label column"
         raise ValueError(f"--labels FILE is for text lines; a {fmt} input gives each input's label in {where}")
+    _check_audit_options(args)
 
 
 def _check_label_count(labels: tuple[str, ...], path: str, labels_path: str) -> None:
@@ -157,14 +230,78 @@ def _answer(runtime, row: InputRow, book: ScoreBook, compare: bool) -> dict:
     return out
 
 
+def _drain_audits(runtime, stall_s: float) -> None:
+    """Let the audit worker finish the queued audits before the runtime closes: ``close`` drops what is still
+    queued (right for a service that stops), but a batch run asked for these audits. Waits as long as the queue
+    shrinks; one that stalls for ``stall_s`` (a frozen tier: each audit costs at most one timeout) is left."""
+    summary = runtime.audit_summary()
+    if summary is None:
+        return
+    pending, progress = summary["pending"], time.monotonic()
+    while pending and time.monotonic() - progress < stall_s:
+        time.sleep(0.05)
+        now = runtime.audit_summary()["pending"]
+        if now < pending:
+            progress = time.monotonic()
+        pending = now
+
+
+def _describe_audit(audit: dict, all_cloud_cost: float, events: list[dict]) -> list[str]:
+    """Two lines on the audits: what was audited and what it cost, then the live bound against the promise
+    (``events``: the monitor's, all of them)."""
+    c, overall = audit["counters"], audit["sequences"]["all"]
+    dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(c["dropped"].items())) or "none"
+    cost = ""
+    if c["answers"] and all_cloud_cost > 0:
+        cost = f"; their cost {100 * c['cost'] / (c['answers'] * all_cloud_cost):.2f} % of all-cloud's"
+    first = (
+        f"audit: {c['recorded']} of {c['answers']} answers audited (sent {c['sent']}, free {c['free']}, "
+        f"dropped: {dropped}){cost}"
+    )
+    last_index = audit["path_length"] - 1
+    moves = [e["event"] for e in events if e["event"] in ("alarm", "recalibrated")]
+    verdict = "holds" if overall["holds"] else "not certified yet"
+    if moves or audit["path_index"] < last_index:
+        # a move starts a new sequence at once: the verdict is of the traffic since the thresholds moved
+        phrases = {"alarm": "ALARM: thresholds moved to", "recalibrated": "ALARM, then recalibrated: thresholds at"}
+        moved = phrases[moves[-1]] if moves else "thresholds at"  # none: resumed below the shipped policy
+        verdict = f"{moved} path index {audit['path_index']} of {last_index} (0: no early exit); since: {verdict}"
+    bound = overall["upper_bound"]
+    second = (
+        f"audit: disagreement with the full model {overall['disagreements']}/{overall['audits']}, upper bound "
+        f"{100 * bound:.2f} pt at alpha {audit['alpha']:g} (promise {100 * audit['epsilon']:g} pt: {verdict})"
+    )
+    return [first, second]
+
+
+def _audit_report(runtime) -> dict | None:
+    """The audit part of the summary (None: audits off), after its lines and events on stderr."""
+    audit = runtime.audit_summary()
+    if audit is None:
+        return None
+    audit["resume_note"] = runtime.audit_resume_note
+    if runtime.audit_resume_note:
+        print(f"cartosplit run: audit state: {runtime.audit_resume_note}", file=sys.stderr)
+    for event in runtime.monitor.events:  # the full list: the summary keeps only the last 10
+        if event["event"] != "start":
+            details = {k: v for k, v in event.items() if k != "event"}
+            print(f"cartosplit run: audit {event['event']}: {json.dumps(details)}", file=sys.stderr)
+    for line in _describe_audit(audit, runtime.all_cloud_cost, runtime.monitor.events):
+        print(f"cartosplit run: {line}", file=sys.stderr)
+    return audit
+
+
 def _report(book: ScoreBook, runtime, args: argparse.Namespace, total: int, failed: int) -> None:
-    """The summary on stderr (when there is something to score) and in --summary FILE."""
+    """The summary on stderr (when there is something to score, and the audits' when on) and in --summary FILE."""
     model = runtime.bundle.manifest.model
     summary = {"inputs": total, "errors": failed}
     summary.update(summarise(book, model.task, runtime.labels, Bootstrap(resamples=args.resamples)))
     if book.labelled or args.compare_all_cloud:
         for line in describe_summary(summary):
             print(f"cartosplit run: {line}", file=sys.stderr)
+    audit = _audit_report(runtime)
+    if audit is not None:
+        summary["audit"] = audit
     if args.summary:
         with open(args.summary, "w", encoding="utf-8") as f:
             f.write(json.dumps(summary, indent=2) + "\n")
@@ -191,6 +328,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         security=security,
         low_memory=args.low_memory,
         advice=args.advice,
+        audit=_audit_settings(args),
+        audit_state=args.audit_state,
     )
     if args.format == "auto":
         print(f"cartosplit run: --format auto chose {runtime.fmt}: {runtime.format_reason}", file=sys.stderr)
@@ -227,7 +366,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        _report(book, runtime, args, total, failed)
+        _drain_audits(runtime, stall_s=args.timeout + 1.0)
+    _report(book, runtime, args, total, failed)  # after close: every audit recorded, the state saved
     if failed:
         print(f"cartosplit run: {failed} of {total} inputs had errors (see their 'error' field)", file=sys.stderr)
         return 1
@@ -273,7 +413,8 @@ def cmd_serve_device(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
     config = service.load_config(args.config)
     if args.check:
-        runtime = service.build_runtime(config)
+        # no audit state: a check must not write the file a running service owns (one writer per file)
+        runtime = service.build_runtime(dataclasses.replace(config, audit_state=None))
         runtime.close()
         summary = {**service.describe_config(config), "bundle_id": runtime.bundle.bundle_id, "format": runtime.fmt}
         summary["format_reason"] = runtime.format_reason

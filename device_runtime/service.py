@@ -3,7 +3,7 @@
 Apps on the same board POST text and get the same per-input answers ``cartosplit run`` writes; the
 runtime (graphs, tokenizer, gRPC channels to the edge and the cloud) is loaded once and kept warm.
 
-    GET  /healthz      -> {"status": "ok", "bundle_id": ..., "tiers": {...}, ...}
+    GET  /healthz      -> {"status": "ok", "bundle_id": ..., "tiers": {...}, "audit": {...} or null, ...}
     POST /v1/classify  {"texts": [...], "text_pairs": [...]?} -> {"predictions": [{"index": 0, "label": ...}, ...]}
 
 Standard library only (``http.server``, ``tomllib``); listens on 127.0.0.1 unless the config says otherwise.
@@ -84,15 +84,35 @@ class ServiceConfig:
     max_pending: int = 8  # requests waiting for the model beyond the one running; more get 503
     read_timeout_s: float = 10.0  # seconds for the whole request (headers and body); a slower client is dropped
     max_connections: int = 32  # connections open at once (one thread each); more get 503 and are closed
+    # audits (device_runtime.audit): on by default here, unlike `cartosplit run`: drift shows over a long run
+    audit_rate: float = 0.02  # share of answers re-checked against the full model, through the edge; 0: off
+    audit_epsilon_pt: float = 0.5  # the promise: disagreement with the full model <= this many points
+    audit_alpha: float = 0.05  # level of the live bound and the alarm
+    audit_adaptive: bool = False  # audit more while the bound is loose, less once it holds
+    audit_state: Path | None = None  # the monitor's state, resumed at start and kept there
     source: Path | None = field(default=None, compare=False)  # the file it came from
 
     @property
     def tls(self) -> bool:
         return self.ca is not None
 
+    def audit_settings(self):
+        """The runtime's ``AuditSettings``; None when audits are off (rate 0, or no edge to audit through)."""
+        if self.audit_rate == 0.0 or self.edge is None:
+            return None
+        from cartosplit.device_runtime.audit import AuditSettings  # numpy: not at module level (stdlib only)
+
+        return AuditSettings(
+            rate=self.audit_rate,
+            epsilon=self.audit_epsilon_pt / 100.0,
+            alpha=self.audit_alpha,
+            adaptive=self.audit_adaptive,
+        )
+
 
 # section -> key -> (field name, kind); kind: "str", "path", "address", "int" (>= 1), "count" (>= 0), "port",
-# "float" (seconds > 0), "bool", or a tuple of the accepted values
+# "float" (seconds > 0), "bool", "probability" ([0, 1]), "level" ((0, 1)), "points" ((0, 100)), or a tuple of
+# the accepted values
 _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "": {  # the top level
         "bundle": ("bundle", "path"),
@@ -124,6 +144,20 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "read_timeout": ("read_timeout_s", "float"),
         "max_connections": ("max_connections", "int"),
     },
+    "audit": {
+        "rate": ("audit_rate", "probability"),
+        "epsilon_pt": ("audit_epsilon_pt", "points"),
+        "alpha": ("audit_alpha", "level"),
+        "adaptive": ("audit_adaptive", "bool"),
+        "state": ("audit_state", "path"),
+    },
+}
+
+# the numbers in a range: kind -> (accepted, what the error says is expected)
+_RANGES = {
+    "probability": (lambda x: 0.0 <= x <= 1.0, "a probability in [0, 1] (0.02 = 2 % of the answers)"),
+    "level": (lambda x: 0.0 < x < 1.0, "a number in (0, 1)"),
+    "points": (lambda x: 0.0 < x < 100.0, "a number of percentage points in (0, 100)"),
 }
 
 
@@ -158,6 +192,11 @@ def _convert(where: str, value: Any, kind: Any, folder: Path) -> Any:
         if value < (1 if kind == "int" else 0):
             raise wrong("a positive integer" if kind == "int" else "an integer >= 0")
         return value
+    if kind in _RANGES:
+        accepted, expected = _RANGES[kind]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not accepted(value):  # NaN: refused
+            raise wrong(expected)
+        return float(value)
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
             raise wrong("a positive number of seconds")
@@ -212,6 +251,8 @@ def parse_config(text: str, source: Path | None = None) -> ServiceConfig:
         raise ConfigError(f"{where}: tls.cert and tls.server_name need tls.ca (the CA that signed the servers)")
     if config.token_file is not None and config.ca is None:
         raise ConfigError(f"{where}: tls.token_file needs tls.ca: a bearer token never travels in plaintext")
+    if config.audit_adaptive and config.audit_rate == 0.0:
+        raise ConfigError(f"{where}: audit.adaptive needs audit.rate > 0 (the rate it adapts around)")
     if config.advice is not None and config.format != AUTO:
         raise ConfigError(f'{where}: advice is read only with format = "auto"')
     if config.format is not None and config.format != AUTO:
@@ -319,6 +360,8 @@ class DeviceService(ThreadingHTTPServer):
         self.connections = threading.BoundedSemaphore(config.max_connections)  # one handler thread each
         self.counts = {"requests": 0, "answered": 0, "refused": 0, "failed": 0}
         self.counts_lock = threading.Lock()
+        self.audit_events_logged = 0  # of runtime.monitor.events
+        self.log_audit_events()  # "resumed", when the state was resumed
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.address_family = family
         super().__init__((config.host, config.port), _Handler)
@@ -393,11 +436,27 @@ class DeviceService(ThreadingHTTPServer):
             "limits": {"max_texts": self.config.max_texts, "max_chars": self.config.max_chars},
             "uptime_s": round(time.monotonic() - self.started, 1),
             "counts": counts,
+            "audit": runtime.audit_summary() if hasattr(runtime, "audit_summary") else None,  # None: off
         }
+
+    def log_audit_events(self) -> None:
+        """One log line per audit-monitor event not logged yet (alarm, recalibrated, resumed, ...). The audit
+        worker adds them in the background; polled after each request, so one shows up with the next request."""
+        monitor = getattr(self.runtime, "monitor", None)
+        if monitor is None:
+            return
+        events = monitor.events[self.audit_events_logged :]
+        self.audit_events_logged += len(events)
+        for event in events:
+            name = event["event"]
+            if name != "start":  # the shipped policy, at start: nothing happened yet
+                level = logging.WARNING if name == "alarm" else logging.INFO
+                log.log(level, json.dumps({**event, "event": f"audit_{name}"}))
 
     def classify(self, texts: list[str], pairs: list[str] | None) -> list[dict]:
         with self.model_lock:
             predictions = self.runtime.predict(texts, pairs, max_chars=self.config.max_chars)
+            self.log_audit_events()
         return [{"index": i, **p.to_dict()} for i, p in enumerate(predictions)]
 
 
@@ -609,7 +668,11 @@ def build_runtime(config: ServiceConfig):
     from cartosplit.protos.security import ClientSecurity
 
     security = ClientSecurity.from_options(config.ca, config.cert, config.key, config.token_file, config.server_name)
-    return DeviceRuntime(
+    audit = config.audit_settings()
+    if audit is None and config.audit_rate > 0.0:
+        reason = "no edge configured (servers.edge): an audit goes through the edge to the full model"
+        log.info(json.dumps({"event": "audit_off", "reason": reason}))
+    runtime = DeviceRuntime(
         config.bundle,
         edge=config.edge,
         cloud=config.cloud,
@@ -621,7 +684,12 @@ def build_runtime(config: ServiceConfig):
         security=security,
         low_memory=config.low_memory,
         advice=config.advice,
+        audit=audit,
+        audit_state=config.audit_state if audit is not None else None,
     )
+    if getattr(runtime, "audit_resume_note", None):  # why the saved state was not resumed, or what was skipped
+        log.info(json.dumps({"event": "audit_state", "note": runtime.audit_resume_note}))
+    return runtime
 
 
 def notify_systemd(state: str) -> bool:
