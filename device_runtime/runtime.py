@@ -267,6 +267,9 @@ class DeviceRuntime:
         if state_path is not None:
             loaded = audit_state.load(state_path)
             state, self.audit_resume_note = loaded.state, loaded.reason
+            first_run = not Path(state_path).exists() and not audit_state.prev_path(state_path).exists()
+            if first_run:  # nothing to resume is not news
+                self.audit_resume_note = None
         import hashlib
         import json
 

@@ -4,6 +4,7 @@ Apps on the same board POST text and get the same per-input answers ``cartosplit
 runtime (graphs, tokenizer, gRPC channels to the edge and the cloud) is loaded once and kept warm.
 
     GET  /healthz      -> {"status": "ok", "bundle_id": ..., "tiers": {...}, "audit": {...} or null, ...}
+    GET  /metrics      -> the audit monitor's live bound and counts, Prometheus text format
     POST /v1/classify  {"texts": [...], "text_pairs": [...]?} -> {"predictions": [{"index": 0, "label": ...}, ...]}
 
 Standard library only (``http.server``, ``tomllib``); listens on 127.0.0.1 unless the config says otherwise.
@@ -47,6 +48,7 @@ log = logging.getLogger("cartosplit.device_service")
 DEFAULT_PORT = 8470
 API_PATH = "/v1/classify"
 HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"  # the audit monitor's bound, Prometheus text format
 
 
 class ConfigError(ValueError):
@@ -412,6 +414,12 @@ class DeviceService(ThreadingHTTPServer):
         with self.counts_lock:
             self.counts[key] += 1
 
+    def metrics_text(self) -> str:
+        from cartosplit.device_runtime.audit_metrics import prometheus_text
+
+        summary = getattr(self.runtime, "audit_summary", lambda: None)()
+        return prometheus_text(summary)
+
     def health(self) -> dict:
         runtime = self.runtime
         bundle = getattr(runtime, "bundle", None)
@@ -572,6 +580,18 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def _reply_text(self, status: HTTPStatus, text: str) -> None:
+        from cartosplit.device_runtime.audit_metrics import CONTENT_TYPE
+
+        body = text.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
     def _refuse(self, error: RequestError) -> None:
         self.server.count("refused")
         path = getattr(self, "path", None)  # absent when the request line itself was refused
@@ -610,6 +630,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.count("requests")
         if self.path.split("?")[0] == HEALTH_PATH:
             self._reply(HTTPStatus.OK, self.server.health())
+        elif self.path.split("?")[0] == METRICS_PATH:
+            self._reply_text(HTTPStatus.OK, self.server.metrics_text())
         elif self.path.split("?")[0] == API_PATH:
             self._refuse(RequestError(HTTPStatus.METHOD_NOT_ALLOWED, f"{API_PATH} takes POST"))
         else:

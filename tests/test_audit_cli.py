@@ -166,6 +166,26 @@ def test_health_has_the_audit_summary_and_each_event_is_one_log_line(caplog):
         service.server_close()
 
 
+def _metrics(port: int) -> dict:
+    """GET /metrics, parsed by prometheus-client's own parser: {family: {labels: value}}."""
+    import http.client
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    finally:
+        connection.close()
+    return {
+        family.name: {tuple(sorted(s.labels.items())): s.value for s in family.samples}
+        for family in text_string_to_metric_families(text)
+    }
+
+
 def test_serve_device_audits_through_the_edge_and_reports_in_healthz(bundle, servers, tmp_path):
     edge, cloud = servers
     text = f'bundle = "{bundle}"\nthreads = 1\n[listen]\nport = 0\n[servers]\nedge = "{edge}"\ncloud = "{cloud}"\n'
@@ -176,10 +196,17 @@ def test_serve_device_audits_through_the_edge_and_reports_in_healthz(bundle, ser
         status, health = running.request("GET", "/healthz")
         assert status == 200 and health["audit"]["enabled"] is True
         assert health["audit"]["counters"]["answers"] == 6 and health["audit"]["epsilon"] == 0.5
+        metrics = _metrics(running.port)
+        assert metrics["cartosplit_audit_enabled"][()] == 1.0
+        assert metrics["cartosplit_audit_answers"][()] == 6.0  # the parser drops a counter's _total
+        bounds = metrics["cartosplit_audit_upper_bound"]
+        assert set(bounds) == {(("sequence", s),) for s in ("all", "device", "edge")}
+        assert all(0.0 <= v <= 1.0 for v in bounds.values())
     finally:
         running.stop()
     off = Running(parse_config(f'bundle = "{bundle}"\nthreads = 1\n[listen]\nport = 0\n'))  # no edge: off
     try:
         assert off.request("GET", "/healthz")[1]["audit"] is None
+        assert _metrics(off.port) == {"cartosplit_audit_enabled": {(): 0.0}}
     finally:
         off.stop()
