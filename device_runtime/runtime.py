@@ -294,6 +294,8 @@ class DeviceRuntime:
             raise ConnectionError("no edge to audit through")
         if not (tier.available and self.edge.available):
             raise ConnectionError("edge down")
+        if self.cloud is not None and not self.cloud.available:  # the user path just found it down
+            raise ConnectionError("cloud down")
         request = self._request(self.split.device, hidden=job.hidden)
         request.audit = True
         return tier.infer(request, self.timeout_s), request.ByteSize()
