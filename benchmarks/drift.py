@@ -292,9 +292,13 @@ def measure_latency(
     extra: dict[float, dict] = {}
     try:
         servers["cloud"] = ServerProcess(["serve-cloud", *common], "cloud")
-        servers["edge"] = ServerProcess(["serve-edge", *common, "--cloud", servers["cloud"].address], "edge")
+        # the edge at the shipped policy's own threshold (a device can only make it stricter)
+        edge_args = [*common, "--cloud", servers["cloud"].address, "--alpha-edge", repr(anchor.alpha_edge)]
+        servers["edge"] = ServerProcess(["serve-edge", *edge_args], "edge")
+        with DeviceRuntime(bundle_path, edge=servers["edge"].address, cloud=servers["cloud"].address) as warm:
+            warm.predict(texts[:200])  # both servers past their first requests before anything is timed
         for round_ in range(rounds):
-            for rate in rates if round_ % 2 == 0 else rates[::-1]:
+            for rate in rates[round_ % len(rates) :] + rates[: round_ % len(rates)]:  # each rate first once
                 settings = AuditSettings(rate=rate, seed=seed + round_) if rate > 0 else None
                 runtime = DeviceRuntime(
                     bundle_path,
@@ -544,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recalibrate-after", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=20, help="replays per rate (seeds of the audit draws)")
     parser.add_argument("--latency-inputs", type=int, default=600, help="clean inputs per rate and round (0: skip)")
-    parser.add_argument("--latency-rounds", type=int, default=2)
+    parser.add_argument("--latency-rounds", type=int, default=4, help="rounds; the rates' order rotates")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", help="signals cache folder (default: RUN/cache)")

@@ -385,7 +385,9 @@ class DeviceRuntime:
                 route = wanted = TIER_DEVICE
             else:
                 wanted = wanted if wanted is not None else TIER_EDGE
-                reply = self._send(self.edge, self._request(self.split.device, hidden=hidden_d), result)
+                to_edge = self._request(self.split.device, hidden=hidden_d)
+                to_edge.alpha_edge = policy.alpha_edge  # where audits moved it; the edge never goes below its own
+                reply = self._send(self.edge, to_edge, result)
                 if reply is not None:
                     route = TIER_EDGE if reply.tier == pb.EDGE else TIER_CLOUD_VIA_EDGE
                 elif wanted != TIER_CLOUD_DIRECT:  # edge down: the cloud from depth r (or tokens)

@@ -77,7 +77,9 @@ class EdgeServicer(TierServicer, pb_grpc.EdgeTierServicer):
         hidden_out, logits = result.outputs
         timing = self.timing(result)
         edge_probs = softmax(logits)
-        if not request.audit and float(edge_probs.max()) >= self.alpha_edge:
+        # the device's threshold can only make the edge stricter (NaN compares false: the edge's own)
+        alpha = max(self.alpha_edge, request.alpha_edge) if request.alpha_edge > 0 else self.alpha_edge
+        if not request.audit and float(edge_probs.max()) >= alpha:
             return reply_from_logits(request, logits, pb.EDGE, self.split.edge, timing)
         reply = self._forward(request, hidden_out, timing, context)
         if reply is None:  # an audit too: its tier is then not CLOUD, and the device drops it

@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/tiers.proto\x12\rcartosplit.v1\"s\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x17.cartosplit.v1.Encoding\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05scale\x18\x04 \x01(\x02\x12\x12\n\nzero_point\x18\x05 \x01(\x05\"U\n\nTierTiming\x12!\n\x04tier\x18\x01 \x01(\x0e\x32\x13.cartosplit.v1.Tier\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\"\x99\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\r\x12%\n\x06hidden\x18\x05 \x01(\x0b\x32\x15.cartosplit.v1.Tensor\x12(\n\tinput_ids\x18\x06 \x01(\x0b\x32\x15.cartosplit.v1.Tensor\x12-\n\x0etoken_type_ids\x18\x07 \x01(\x0b\x32\x15.cartosplit.v1.Tensor\x12*\n\x07timings\x18\x08 \x03(\x0b\x32\x19.cartosplit.v1.TierTiming\x12\r\n\x05\x61udit\x18\t \x01(\x08\"\xd7\x01\n\nInferReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\x05\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12!\n\x04tier\x18\x04 \x01(\x0e\x32\x13.cartosplit.v1.Tier\x12\x12\n\nexit_depth\x18\x05 \x01(\r\x12*\n\x07timings\x18\x06 \x03(\x0b\x32\x19.cartosplit.v1.TierTiming\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x1a\n\x12\x65\x64ge_probabilities\x18\x08 \x03(\x02*X\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05*=\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\n\n\x06\x44\x45VICE\x10\x01\x12\x08\n\x04\x45\x44GE\x10\x02\x12\t\n\x05\x43LOUD\x10\x03\x32\x96\x01\n\x08\x45\x64geTier\x12?\n\x05Infer\x12\x1b.cartosplit.v1.InferRequest\x1a\x19.cartosplit.v1.InferReply\x12I\n\x0bInferStream\x12\x1b.cartosplit.v1.InferRequest\x1a\x19.cartosplit.v1.InferReply(\x01\x30\x01\x32\x97\x01\n\tCloudTier\x12?\n\x05Infer\x12\x1b.cartosplit.v1.InferRequest\x1a\x19.cartosplit.v1.InferReply\x12I\n\x0bInferStream\x12\x1b.cartosplit.v1.InferRequest\x1a\x19.cartosplit.v1.InferReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/tiers.proto\x12\rcartosplit.v1\"s\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x17.cartosplit.v1.Encoding\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05scale\x18\x04 \x01(\x02\x12\x12\n\nzero_point\x18\x05 \x01(\x05\"U\n\nTierTiming\x12!\n\x04tier\x18\x01 \x01(\x0e\x32\x13.cartosplit.v1.Tier\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\"\xad\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\r\x12%\n\x06hidden\x18\x05 \x01(\x0b\x32\x15.cartosplit.v1.Tensor\x12(\n\tinput_ids\x18\x06 \x01(\x0b\x32\x15.cartosplit.v1.Tensor\x12-\n\x0etoken_type_ids\x18\x07 \x01(\x0b\x32\x15.cartosplit.v1.Tensor\x12*\n\x07timings\x18\x08 \x03(\x0b\x32\x19.cartosplit.v1.TierTiming\x12\r\n\x05\x61udit\x18\t \x01(\x08\x12\x12\n\nalpha_edge\x18\n \x01(\x02\"\xd7\x01\n\nInferReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\x05\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12!\n\x04tier\x18\x04 \x01(\x0e\x32\x13.cartosplit.v1.Tier\x12\x12\n\nexit_depth\x18\x05 \x01(\r\x12*\n\x07timings\x18\x06 \x03(\x0b\x32\x19.cartosplit.v1.TierTiming\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x1a\n\x12\x65\x64ge_probabilities\x18\x08 \x03(\x02*X\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05*=\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\n\n\x06\x44\x45VICE\x10\x01\x12\x08\n\x04\x45\x44GE\x10\x02\x12\t\n\x05\x43LOUD\x10\x03\x32\x96\x01\n\x08\x45\x64geTier\x12?\n\x05Infer\x12\x1b.cartosplit.v1.InferRequest\x1a\x19.cartosplit.v1.InferReply\x12I\n\x0bInferStream\x12\x1b.cartosplit.v1.InferRequest\x1a\x19.cartosplit.v1.InferReply(\x01\x30\x01\x32\x97\x01\n\tCloudTier\x12?\n\x05Infer\x12\x1b.cartosplit.v1.InferRequest\x1a\x19.cartosplit.v1.InferReply\x12I\n\x0bInferStream\x12\x1b.cartosplit.v1.InferRequest\x1a\x19.cartosplit.v1.InferReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cartosplit.protos.tiers_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=743
-  _globals['_ENCODING']._serialized_end=831
-  _globals['_TIER']._serialized_start=833
-  _globals['_TIER']._serialized_end=894
+  _globals['_ENCODING']._serialized_start=763
+  _globals['_ENCODING']._serialized_end=851
+  _globals['_TIER']._serialized_start=853
+  _globals['_TIER']._serialized_end=914
   _globals['_TENSOR']._serialized_start=37
   _globals['_TENSOR']._serialized_end=152
   _globals['_TIERTIMING']._serialized_start=154
   _globals['_TIERTIMING']._serialized_end=239
   _globals['_INFERREQUEST']._serialized_start=242
-  _globals['_INFERREQUEST']._serialized_end=523
-  _globals['_INFERREPLY']._serialized_start=526
-  _globals['_INFERREPLY']._serialized_end=741
-  _globals['_EDGETIER']._serialized_start=897
-  _globals['_EDGETIER']._serialized_end=1047
-  _globals['_CLOUDTIER']._serialized_start=1050
-  _globals['_CLOUDTIER']._serialized_end=1201
+  _globals['_INFERREQUEST']._serialized_end=543
+  _globals['_INFERREPLY']._serialized_start=546
+  _globals['_INFERREPLY']._serialized_end=761
+  _globals['_EDGETIER']._serialized_start=917
+  _globals['_EDGETIER']._serialized_end=1067
+  _globals['_CLOUDTIER']._serialized_start=1070
+  _globals['_CLOUDTIER']._serialized_end=1221
 # @@protoc_insertion_point(module_scope)

@@ -58,7 +58,7 @@ class TierTiming(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "bundle_id", "protocol_version", "depth", "hidden", "input_ids", "token_type_ids", "timings", "audit")
+    __slots__ = ("request_id", "bundle_id", "protocol_version", "depth", "hidden", "input_ids", "token_type_ids", "timings", "audit", "alpha_edge")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class InferRequest(_message.Message):
     TOKEN_TYPE_IDS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     AUDIT_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_EDGE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     bundle_id: str
     protocol_version: int
@@ -77,7 +78,8 @@ class InferRequest(_message.Message):
     token_type_ids: Tensor
     timings: _containers.RepeatedCompositeFieldContainer[TierTiming]
     audit: bool
-    def __init__(self, request_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., depth: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_type_ids: _Optional[_Union[Tensor, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., audit: _Optional[bool] = ...) -> None: ...
+    alpha_edge: float
+    def __init__(self, request_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., depth: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_type_ids: _Optional[_Union[Tensor, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., audit: _Optional[bool] = ..., alpha_edge: _Optional[float] = ...) -> None: ...
 
 class InferReply(_message.Message):
     __slots__ = ("request_id", "label", "probabilities", "tier", "exit_depth", "timings", "degraded", "edge_probabilities")

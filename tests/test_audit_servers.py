@@ -102,6 +102,18 @@ def test_edge_probabilities_only_when_the_edge_forwarded(loaded, cloud, start_ed
     assert_both_exits(forwarded, ref, hidden_d)
 
 
+def test_a_device_can_make_the_edge_stricter_never_looser(loaded, cloud, start_edge, ref, hidden_states):
+    hidden_d = hidden_states[1]
+    lenient = edge_stub(start_edge(cloud.address, alpha=0.0))
+    stricter = user(loaded, hidden_d, "strict")
+    stricter.alpha_edge = math.inf  # the device's policy after an alarm: never answer at the edge
+    assert_both_exits(lenient.Infer(stricter, timeout=10), ref, hidden_d)
+    strict = edge_stub(start_edge(cloud.address, alpha=math.inf))
+    looser = user(loaded, hidden_d, "loose")
+    looser.alpha_edge = 0.01  # asks for less than the edge's own threshold: the edge's own holds
+    assert strict.Infer(looser, timeout=10).tier == pb.CLOUD
+
+
 def test_audits_are_counted_apart_on_both_tiers(loaded, cloud, start_edge, hidden_states, logs):  # noqa: F811
     edge = start_edge(cloud.address, alpha=math.inf)  # user requests forwarded too: the cloud sees all five
     stub = edge_stub(edge)
