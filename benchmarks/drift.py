@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -279,22 +280,52 @@ def summarise_rate(rate: float, runs: list[dict], p99_ratio: float | None) -> di
     }
 
 
+def pinning() -> tuple[list[str], set[int] | None]:
+    """With 2+ CPUs: the servers on the last CPU (``taskset``), this process (the device) on the others, so an
+    audit's edge and cloud work competes with the servers' user work, as on a real edge, and not with the
+    device's; otherwise no pinning."""
+    import os
+    import shutil
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        return [], None
+    return ["taskset", "-c", str(cpus[-1])], set(cpus[:-1])
+
+
+def p99_ratio_interval(base: np.ndarray, other: np.ndarray, seed: int, resamples: int = 2000) -> list[float]:
+    """95 % bootstrap interval of p99(other) / p99(base), both resampled."""
+    rng = np.random.default_rng(seed)
+    ratios = [
+        np.percentile(rng.choice(other, len(other)), 99) / np.percentile(rng.choice(base, len(base)), 99)
+        for _ in range(resamples)
+    ]
+    return [float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))]
+
+
 def measure_latency(
     bundle_path: str, anchor: Policy, texts: list[str], rates: list[float], rounds: int, seed: int
 ) -> dict:
     """p50/p99 ms of DeviceRuntime.predict per audit rate against live edge and cloud servers, rates interleaved."""
+    import os
+
     from cartosplit.device_runtime.runtime import DeviceRuntime
     from cartosplit.serving.process import ServerProcess, stop_servers
 
+    prefix, device_cpus = pinning()
     common = ["--bundle", bundle_path, "--host", "127.0.0.1", "--port", "0", "--log-level", "warning"]
+    common += ["--threads", "1"]
+    own_cpus = os.sched_getaffinity(0) if device_cpus else None
+    if device_cpus:
+        os.sched_setaffinity(0, device_cpus)
     servers = {}
     latencies: dict[float, list[float]] = {r: [] for r in rates}
     extra: dict[float, dict] = {}
     try:
-        servers["cloud"] = ServerProcess(["serve-cloud", *common], "cloud")
+        servers["cloud"] = ServerProcess(["serve-cloud", *common], "cloud", prefix=prefix)
         # the edge at the shipped policy's own threshold (a device can only make it stricter)
         edge_args = [*common, "--cloud", servers["cloud"].address, "--alpha-edge", repr(anchor.alpha_edge)]
-        servers["edge"] = ServerProcess(["serve-edge", *edge_args], "edge")
+        servers["edge"] = ServerProcess(["serve-edge", *edge_args], "edge", prefix=prefix)
         with DeviceRuntime(bundle_path, edge=servers["edge"].address, cloud=servers["cloud"].address) as warm:
             warm.predict(texts[:200])  # both servers past their first requests before anything is timed
         for round_ in range(rounds):
@@ -306,6 +337,7 @@ def measure_latency(
                     cloud=servers["cloud"].address,
                     audit=settings,
                     policy=anchor,
+                    threads=1,
                 )
                 with runtime:
                     runtime.predict(texts[:20])  # warm-up, not timed
@@ -326,6 +358,8 @@ def measure_latency(
                     seen["path_index_end"].append(summary["path_index"])
     finally:
         stop_servers(servers)
+        if own_cpus:
+            os.sched_setaffinity(0, own_cpus)
     out = {}
     for rate, values in latencies.items():
         arr = np.asarray(values)
@@ -337,9 +371,13 @@ def measure_latency(
             "audits": extra.get(rate),
         }
     base = out[str(rates[0])]["p99_ms"]
-    for v in out.values():
+    for rate, v in out.items():
         v["p99_ratio"] = v["p99_ms"] / base
-    return out
+        v["p99_ratio_ci95"] = p99_ratio_interval(
+            np.asarray(latencies[rates[0]]), np.asarray(latencies[float(rate)]), seed
+        )
+    setup = {"servers_pinned": " ".join(prefix) or None, "device_cpus": sorted(device_cpus or []), "threads": 1}
+    return out, setup
 
 
 def _value(v: float | None, fmt: str = "{:.2f}") -> str:
@@ -415,20 +453,41 @@ def markdown(r: dict) -> list[str]:
             "",
             *median_runs(sc["rates"]),
         ]
+    lines += [
+        "",
+        "## Other shifts: the shipped policy alone",
+        "",
+        "Does a shift raise the disagreement with the full model? (no audits; drops on labels where they exist)",
+        "",
+        "| shift | inputs | answered early | disagreement pt | drop pt |",
+        "|---|---|---|---|---|",
+    ]
+    for row in r.get("other_shifts", []):
+        if "error" in row:
+            lines.append(f"| {row['shift']} | not measured: {row['error']} | | | |")
+            continue
+        lines.append(
+            f"| {row['shift']} | {row['inputs']} | {100 * row['early_share']:.1f} % | "
+            f"{row['disagreement_pt']:.2f} | {_value(row['drop_pt'])} |"
+        )
     settings = r["settings"]
     lines += [
         "",
         f"## Latency: live servers on loopback, {settings['latency_inputs']} clean inputs x "
         f"{settings['latency_rounds']} rounds per rate, rates interleaved",
         "",
-        "| audit rate | p50 ms | p99 ms | p99 ratio | audits sent | free | dropped |",
+        f"Setup: {r.get('latency_setup')} (servers on their own CPU: an audit's edge and cloud work competes with "
+        "the servers' user work, as on a real edge, not with the device's).",
+        "",
+        "| audit rate | p50 ms | p99 ms | p99 ratio [95 % bootstrap] | audits sent | free | dropped |",
         "|---|---|---|---|---|---|---|",
     ]
     for rate, v in r["latency"].items():
         a = v["audits"] or {}
+        lo, hi = v["p99_ratio_ci95"]
         lines.append(
-            f"| {100 * float(rate):g} % | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['p99_ratio']:.3f} | "
-            f"{a.get('sent', 0)} | {a.get('free', 0)} | {a.get('dropped', {})} |"
+            f"| {100 * float(rate):g} % | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['p99_ratio']:.3f} "
+            f"[{lo:.3f}, {hi:.3f}] | {a.get('sent', 0)} | {a.get('free', 0)} | {a.get('dropped', {})} |"
         )
     lines += ["", "Typo examples:", ""]
     lines += [f"- `{a}` -> `{b}`" for a, b in st["examples"]]
@@ -466,6 +525,53 @@ def plot(r: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+NEGATION = re.compile(r"\b(not|n't|no|never|nothing|hardly)\b")
+OTHER_TASKS = ("cola", "mrpc", "rte")
+
+
+def probe_shifts(bundle, anchor: Policy, texts, labels, clean, candidates, args, cache: Path) -> list[dict]:
+    """Other shifts, the shipped policy alone (no replay): does each raise its disagreement with the full model?
+    Subsets of the clean candidates (long texts, negations: their signals are known) and other GLUE tasks'
+    texts (no sentiment labels: disagreement only)."""
+    from cartosplit.export.data import load_glue
+
+    rows = []
+
+    def measure(name: str, probs: dict, gold: np.ndarray | None) -> None:
+        signals = signals_of(probs)
+        tiers = route(anchor, signals)
+        given, cloud = answers(tiers, signals), signals.probs_final.argmax(1)
+        row = {
+            "shift": name,
+            "inputs": len(tiers),
+            "early_share": float(np.isin(tiers, (0, 1)).mean()),
+            "disagreement_pt": 100 * float((given != cloud).mean()),
+            "drop_pt": None if gold is None else drop_pt(given, cloud, gold)["drop_pt"],
+        }
+        rows.append(row)
+
+    measure("clean (the stream's candidates)", {k: v[candidates] for k, v in clean.items()}, labels[candidates])
+    for name, keep in (
+        ("long (20+ words)", lambda t: len(t.split()) >= 20),
+        ("short (5-8 words)", lambda t: len(t.split()) <= 8),
+        ("negation (not, n't, no, never...)", lambda t: bool(NEGATION.search(t))),
+    ):
+        chosen = np.array([i for i in candidates if keep(texts[i])])
+        measure(name, {k: v[chosen] for k, v in clean.items()}, labels[chosen])
+    for task in OTHER_TASKS:
+        try:
+            other = load_glue(task, "train", args.data_dir)
+        except Exception as exc:  # a task the data folder lacks: say so, measure the rest
+            rows.append({"shift": f"{task} texts", "error": str(exc)[:200]})
+            continue
+        other_texts = [t for t in other.texts if t.strip()][: args.probe_inputs]
+        key = json.dumps([bundle.bundle_id, task, len(other_texts)])
+        probs = cached_probs(bundle, cache / f"drift-{task}.npz", key, other_texts, args.batch)
+        probs.pop("format")
+        measure(f"{task} texts (another domain, no sentiment labels)", probs, None)
+    return rows
 
 
 def misread_stream(
@@ -550,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-inputs", type=int, default=600, help="clean inputs per rate and round (0: skip)")
     parser.add_argument("--latency-rounds", type=int, default=4, help="rounds; the rates' order rotates")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--probe-inputs", type=int, default=1500, help="texts per other GLUE task probed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", help="signals cache folder (default: RUN/cache)")
     parser.add_argument("--out", default="benchmarks/results/drift")
@@ -595,10 +702,12 @@ def main(argv: list[str] | None = None) -> int:
     anchor_answers = answers(route(anchor, all_signals), all_signals)
     cloud = all_signals.probs_final.argmax(1)
 
-    latency = {}
+    latency, latency_setup = {}, None
     if args.latency_inputs > 0:
         clean_stream = texts[args.calib : args.calib + args.latency_inputs]
-        latency = measure_latency(bundle_path, anchor, clean_stream, rates, args.latency_rounds, args.seed)
+        latency, latency_setup = measure_latency(
+            bundle_path, anchor, clean_stream, rates, args.latency_rounds, args.seed
+        )
 
     first = args.calib
     before = np.arange(first, first + args.before)
@@ -625,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         "the rest clean texts it agrees on"
     )
     scenarios["misread"]["misread_pool"] = misread_pool
+    probes = probe_shifts(bundle, anchor, texts, labels, clean, candidates, args, cache)
     report = {
         "machine": describe_machine(),
         "stream": {
@@ -658,7 +768,9 @@ def main(argv: list[str] | None = None) -> int:
         # the issue's keys, per audit rate, for the scenario that breaks the promise (misread)
         "rates": scenarios["misread"]["rates"],
         "scenarios": scenarios,
+        "other_shifts": probes,
         "latency": latency,
+        "latency_setup": latency_setup,
     }
     publish(report, args.out, bench_command("drift", argv), markdown, plot)
     return 0
