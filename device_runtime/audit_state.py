@@ -103,7 +103,11 @@ class AuditLog:
         return ExitSignals(rows[:, 3 : 3 + k], rows[:, 3 + k : 3 + 2 * k], rows[:, 3 + 2 * k :], router)
 
     def to_list(self) -> list[list[float | None]]:
-        return [[None if math.isnan(v) else float(v) for v in r] for r in self._rows]
+        # the shortest decimal that reads back as the same float32 (~9 characters, not float64's 17)
+        return [
+            [None if math.isnan(v) else float(np.format_float_positional(v, unique=True)) for v in r]
+            for r in self._rows
+        ]
 
     @classmethod
     def from_list(cls, raw: list) -> AuditLog:

@@ -4,8 +4,9 @@ The request path only ever calls ``submit``, which never blocks: a full queue dr
 "queue_full"), so under load audits go first and answers are never slowed by them. The thread sends each
 audit to the edge on a channel of its own (a failed audit never marks the user path's tier down), drops it
 when a tier is down or slow, records outcomes in the ``AuditMonitor`` and saves its state atomically at most
-every ``save_every_s``. ``close`` waits at most ``grace_s`` for the thread; a frozen cloud can delay it by no
-more than one audit's timeout, and never an answer.
+every ``save_every_s`` (5 s: a Pi's SD card is not written on every answer). ``close`` waits at most
+``grace_s`` for the thread; a frozen cloud can delay it by no more than one audit's timeout, and never an
+answer.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class AuditWorker:
         send: Callable[[AuditJob], tuple[object, int]],
         state_path: str | Path | None = None,
         queue_size: int = 256,
-        save_every_s: float = 1.0,
+        save_every_s: float = 5.0,
     ) -> None:
         self.monitor, self._send = monitor, send
         self.state_path = None if state_path is None else Path(state_path)

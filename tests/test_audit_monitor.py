@@ -241,3 +241,21 @@ def test_detector_restarts_each_epoch_at_a_smaller_level() -> None:
     assert detector["epoch"] == 3 and detector["audits"] == 20
     assert detector["alpha"] == pytest.approx(0.05 / 12)
     assert monitor.sequences[ALL].n == 120  # the certificate keeps counting across epochs
+
+
+def test_the_detectors_prior_alarms_sooner_above_epsilon() -> None:
+    """At a rate 6x the promise, the detector's prior (mean 4 epsilon) alarms sooner than the certificate's
+    (mean epsilon), at the same level; the figures are printed for docs/audit.md."""
+    from cartosplit.device_runtime.audit_bound import log_mixture_paths
+
+    settings = AuditSettings(epsilon=0.005, alpha=0.05)
+    rng = np.random.default_rng(5)
+    d = (rng.random((1000, 1500)) < 0.032).astype(np.int64)
+    k, n = np.cumsum(d, axis=1), np.arange(1, 1501)[None, :]
+    level = math.log(1 / settings.detector(1).alpha)
+    medians = {}
+    for name, prior in (("certificate", settings.bound().prior), ("detector", settings.detector(1).prior)):
+        alarm = (log_mixture_paths(d, settings.epsilon, *prior) >= level) & (k > settings.epsilon * n)
+        medians[name] = float(np.median(np.where(alarm.any(axis=1), alarm.argmax(axis=1) + 1, 10**6)))
+    print(f"median audits to the alarm at 3.2 % vs epsilon 0.5 %: {medians}")
+    assert medians["detector"] < medians["certificate"] < 10**6
