@@ -511,7 +511,10 @@ def plot(r: dict, path: Path) -> None:
             axes[0].plot(x, 100 * np.asarray(tr["upper_bound"]), style, label=label)
             if name == "misread":
                 axes[1].plot(x, tr["path_index"], label=label)
-                axes[2].plot(x, [1.0 if a is None else a for a in tr["alpha_device"]], label=label)
+                never = [a is None or math.isinf(float(a)) for a in tr["alpha_device"]]  # "never" drawn at 1
+                axes[2].plot(
+                    x, [1.0 if n else float(a) for n, a in zip(never, tr["alpha_device"], strict=True)], label=label
+                )
     axes[0].axhline(eps, color="k", ls="--", lw=0.8, label=f"epsilon {eps} pt")
     axes[0].set_ylim(0, 6 * eps)
     axes[0].set_ylabel("upper bound on\ndisagreement (pt)")
