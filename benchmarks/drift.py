@@ -186,7 +186,7 @@ def replay(
     tier_costs: np.ndarray,
     all_cloud_cost: float,
     shift: int,
-    trace_every: int = 50,
+    trace_every: int = 250,
 ) -> dict:
     """The stream through an AuditMonitor as the runtime drives it: the policy in force routes each input,
     a sampled answer is audited; what it answered, cost and saw."""
@@ -208,8 +208,8 @@ def replay(
         if t % trace_every == 0 or t == n - 1:
             seq = monitor.sequences[ALL]
             index_trace.append(monitor.index)
-            bound_trace.append(seq.upper_bound())
-            alpha_trace.append(monitor.policy.alpha_device)
+            bound_trace.append(round(seq.upper_bound(), 6))  # for the plot: 6 digits keep the JSON small
+            alpha_trace.append(round(monitor.policy.alpha_device, 6))
     events = [e for e in monitor.events if e["event"] != "start"]
     alarms = [e["at_answer"] for e in events if e["event"] == "alarm"]
     recals = [e["at_answer"] for e in events if e["event"] == "recalibrated"]
