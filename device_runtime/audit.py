@@ -105,6 +105,13 @@ class AuditSettings:
         if self.max_log < self.recalibrate_after:
             raise ValueError(f"max_log ({self.max_log}) must hold recalibrate_after ({self.recalibrate_after}) rows")
 
+    @classmethod
+    def from_points(cls, rate: float, epsilon_pt: float, alpha: float, adaptive: bool) -> AuditSettings | None:
+        """Settings from a user's figures (the promise in points: 0.5 = half a point); None when ``rate`` is 0."""
+        if rate == 0.0:
+            return None
+        return cls(rate=rate, epsilon=epsilon_pt / 100.0, alpha=alpha, adaptive=adaptive)
+
     @property
     def enabled(self) -> bool:
         return self.rate > 0.0
@@ -378,7 +385,7 @@ class AuditMonitor:
 
     def _maybe_recalibrate(self, now: float | None) -> None:
         needed = self.settings.recalibrate_after * 2**self.attempt
-        if len(self.log) < needed or self.index != 0:
+        if len(self.log) < needed:  # called at the safe end only
             return
         delta = self.settings.delta / 2 ** (self.attempt + 1)
         signals = self.log.signals()

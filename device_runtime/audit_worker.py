@@ -24,7 +24,6 @@ import numpy as np
 from cartosplit.device_runtime import audit_state
 from cartosplit.device_runtime.audit import AuditMonitor
 from cartosplit.device_runtime.audit_state import AuditLog
-from cartosplit.device_runtime.costs import TIER_EDGE
 
 log = logging.getLogger("cartosplit.audit")
 
@@ -111,7 +110,7 @@ class AuditWorker:
         if reply.degraded or len(edge_probs) != len(final) or job.device is None or len(final) != len(job.device):
             self.monitor.drop("no_cloud_answer")  # the edge answered alone: no reference
             return
-        edge = job.edge if job.tier == TIER_EDGE and job.edge is not None else edge_probs
+        edge = edge_probs if job.edge is None else job.edge  # an edge answer keeps the probabilities it gave
         row = AuditLog.row(job.router, job.device, edge, final)
         self.monitor.record(job.tier, job.answer, final, row, sent_bytes=size)
 

@@ -168,16 +168,9 @@ def _check_audit_options(args: argparse.Namespace) -> None:
 
 def _audit_settings(args: argparse.Namespace):
     """The runtime's AuditSettings, or None when audits are off."""
-    if args.audit_rate == 0.0:
-        return None
     from cartosplit.device_runtime.audit import AuditSettings
 
-    return AuditSettings(
-        rate=args.audit_rate,
-        epsilon=args.audit_epsilon / 100.0,
-        alpha=args.audit_alpha,
-        adaptive=args.audit_adaptive,
-    )
+    return AuditSettings.from_points(args.audit_rate, args.audit_epsilon, args.audit_alpha, args.audit_adaptive)
 
 
 def _check_run_options(args: argparse.Namespace, fmt: str) -> None:

@@ -13,6 +13,8 @@ that a dead server costs one timeout, not one per input. Torch-free.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -270,9 +272,6 @@ class DeviceRuntime:
             first_run = not Path(state_path).exists() and not audit_state.prev_path(state_path).exists()
             if first_run:  # nothing to resume is not news
                 self.audit_resume_note = None
-        import hashlib
-        import json
-
         # the saved state resumes only under the same bundle, shipped thresholds and promise
         thresholds = hashlib.sha256(json.dumps(self.policy.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
         promise = f"{settings.epsilon:g}:{settings.alpha:g}:{settings.delta:g}:{settings.path_steps}"

@@ -100,16 +100,11 @@ class ServiceConfig:
 
     def audit_settings(self):
         """The runtime's ``AuditSettings``; None when audits are off (rate 0, or no edge to audit through)."""
-        if self.audit_rate == 0.0 or self.edge is None:
+        if self.edge is None:
             return None
         from cartosplit.device_runtime.audit import AuditSettings  # numpy: not at module level (stdlib only)
 
-        return AuditSettings(
-            rate=self.audit_rate,
-            epsilon=self.audit_epsilon_pt / 100.0,
-            alpha=self.audit_alpha,
-            adaptive=self.audit_adaptive,
-        )
+        return AuditSettings.from_points(self.audit_rate, self.audit_epsilon_pt, self.audit_alpha, self.audit_adaptive)
 
 
 # section -> key -> (field name, kind); kind: "str", "path", "address", "int" (>= 1), "count" (>= 0), "port",
